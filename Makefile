@@ -1,0 +1,42 @@
+# dip-train: two commands do all set-up on a fresh machine.
+#   make quickstart   create .venv, install (pinned), run the main job end to end on the embedded default
+#   make test         install if needed, run the whole test suite (CPU)
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+# Test-time environment: DeepSpeed on CPU, fast Ray Train reports, no network.
+export DS_ACCELERATOR ?= cpu
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install quickstart test test-fast bench clean
+
+install: $(STAMP)
+
+# torch + torchvision first, in one call, pinned, so nothing pulls another build (stack notes).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+quickstart: install
+	$(BIN)/dip train configs/quickstart_cpu.yaml
+
+test: install
+	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+bench: install
+	$(BIN)/python benchmarks/model.py
+	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/trainer.py
+	$(BIN)/python benchmarks/eval.py
+
+clean:
+	rm -rf runs quickstart_out .pytest_cache
