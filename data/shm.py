@@ -1,0 +1,81 @@
+"""Remove mosaicml-streaming shared memory and filelocks that a killed run left behind.
+
+`streaming.base.util.clean_stale_shared_memory()` unlinks every streaming segment on the machine,
+including those of live runs beside ours (other jobs, other tests). We remove a segment only when
+no live process maps it and it is older than a grace period, and a prefix's filelocks only when
+none of that prefix's segments is left.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+import time
+
+SHM_DIR = "/dev/shm"
+_SEGMENT = re.compile(r"^(\d{6})_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
+                      r"resume|epoch_shape|epoch_data)$")
+_FILELOCK = re.compile(r"^(\d{6})_(barrier_filelock|cache_filelock)$")
+
+
+def streaming_segments() -> list[str]:
+    """Names of streaming's shared-memory segments that exist now."""
+    if not os.path.isdir(SHM_DIR):
+        return []
+    return sorted(name for name in os.listdir(SHM_DIR) if _SEGMENT.match(name))
+
+
+def _mapped_shm_names() -> set[str]:
+    """Every /dev/shm name some readable live process maps or holds open."""
+    names: set[str] = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as handle:
+                for line in handle:
+                    index = line.find("/dev/shm/")
+                    if index >= 0:
+                        names.add(line[index + 9:].split()[0])
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            for fd in os.listdir(fd_dir):
+                target = os.readlink(os.path.join(fd_dir, fd))
+                if target.startswith("/dev/shm/"):
+                    names.add(target[9:].split()[0])
+        except OSError:
+            continue
+    return names
+
+
+def clean_stale_streaming_state(grace_s: float = 5.0) -> list[str]:
+    """Unlink unmapped, old streaming segments and their orphaned filelocks; returns what was removed."""
+    if not os.path.isdir(SHM_DIR):
+        return []
+    in_use = _mapped_shm_names()
+    now = time.time()
+    removed = []
+    for name in streaming_segments():
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if name in in_use or now - os.stat(path).st_mtime < grace_s:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+    live_prefixes = {_SEGMENT.match(name).group(1) for name in streaming_segments()}
+    lock_dir = tempfile.gettempdir()
+    for name in os.listdir(lock_dir):
+        match = _FILELOCK.match(name)
+        if not match or match.group(1) in live_prefixes:
+            continue
+        path = os.path.join(lock_dir, name)
+        try:
+            if now - os.stat(path).st_mtime >= grace_s:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue
+    return removed

@@ -1,0 +1,86 @@
+"""Pixel transforms shared by the shard writer and the readers (spec: ADM center crop, [-1, 1])."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class CorruptImageError(ValueError):
+    """The bytes of a record are not a decodable image."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, fully loaded (a truncated file raises here)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # force the whole decode now: truncation surfaces here, not later
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+
+
+def verify_image(data: bytes) -> tuple[str, tuple[int, int]]:
+    """Check that bytes decode completely; return (PIL format name, (width, height)).
+
+    JPEGs are decoded in draft mode (DCT scaling): every scan is still entropy-decoded, so
+    truncation and corruption are caught, at a fraction of the cost of a full decode.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        fmt, size = image.format, image.size
+        if fmt == "JPEG":
+            image.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+        return str(fmt), size
+    except Exception as err:
+        raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+
+
+def adm_center_crop(pil_image: Image.Image, resolution: int) -> Image.Image:
+    """ADM center crop (guided-diffusion `center_crop_arr`), returning a `resolution`^2 PIL image.
+
+    Halve with BOX while the short side is >= 2x the target, BICUBIC-resize so the short side equals
+    the target, then crop the center.
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution={resolution} must be > 0")
+    image = pil_image
+    while min(*image.size) >= 2 * resolution:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = resolution / min(*image.size)
+    new_size = tuple(round(x * scale) for x in image.size)
+    if new_size != image.size:  # a same-size BICUBIC resize is the identity: skip its cost
+        image = image.resize(new_size, resample=Image.BICUBIC)
+    width, height = image.size
+    left, top = (width - resolution) // 2, (height - resolution) // 2
+    if (left, top, width, height) == (0, 0, resolution, resolution):
+        return image
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def to_uint8_chw(pil_image: Image.Image, hflip: bool = False) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W), optionally mirrored left-right."""
+    array = np.asarray(pil_image.convert("RGB") if pil_image.mode != "RGB" else pil_image)  # (H, W, 3)
+    if hflip:
+        array = array[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def to_tensor_pm1(pil_image: Image.Image, hflip: bool = False) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1] (x / 127.5 - 1, the spec's scaling)."""
+    return to_uint8_chw(pil_image, hflip).float().div_(127.5).sub_(1.0)
+
+
+def encode_image(pil_image: Image.Image, encoding: str, jpeg_quality: int = 95) -> tuple[bytes, str]:
+    """Encode for storage; returns (bytes, file extension). PNG is lossless; JPEG uses 4:4:4 chroma."""
+    buffer = io.BytesIO()
+    if encoding == "png":
+        pil_image.save(buffer, format="PNG", compress_level=1)  # fast to write, decode cost is the same
+        return buffer.getvalue(), "png"
+    if encoding == "jpeg":
+        pil_image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
+        return buffer.getvalue(), "jpg"
+    raise ValueError(f"encoding={encoding!r} is not valid: choose one of ['png', 'jpeg']")
