@@ -169,12 +169,16 @@ class _MdsBackend:
         """Unlink the shared memory this rank created now, not at interpreter exit."""
         from streaming.base.shared import SharedMemory
 
-        seen: set[int] = set()
+        def release(obj, depth: int) -> None:
+            # streaming wraps its segments in SharedScalar / SharedArray / SharedBarrier objects
+            if isinstance(obj, SharedMemory):
+                obj.cleanup()
+            elif depth and type(obj).__module__.startswith("streaming.base.shared"):
+                for value in vars(obj).values():
+                    release(value, depth - 1)
+
         for value in list(vars(self.dataset).values()):
-            for candidate in [value, *vars(value).values()] if hasattr(value, "__dict__") else [value]:
-                if isinstance(candidate, SharedMemory) and id(candidate) not in seen:
-                    seen.add(id(candidate))
-                    candidate.cleanup()
+            release(value, 3)
         if hasattr(self.dataset, "_executor"):
             self.dataset._executor.shutdown(wait=False, cancel_futures=True)
 

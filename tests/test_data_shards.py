@@ -1,0 +1,237 @@
+"""Real shards in a temp dir: ImageFolder (with corrupt files) -> `dip data shard` -> read back, both formats."""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.cli import main as dip
+from data import DataConfig, build_dataloader
+from data.loader import CorruptSampleWarning
+from data.shm import streaming_segments
+from data.transforms import adm_center_crop, decode_image, to_tensor_pm1
+from data.writer import sha256_file
+from tests.data_helpers import CLASSES, make_image_folder
+
+RES = 32
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("imagefolder"))
+    return root, make_image_folder(root, per_class=8)
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    """Originals (no --resolution), both formats, two writer processes, small shards (several per part)."""
+    src, truth = folder
+    out = str(tmp_path_factory.mktemp("shards"))
+    assert dip(["data", "shard", "--src", src, "--out", out, "--format", "both", "--workers", "2",
+                "--shard-size", "8KB", "--no-progress"]) == 0
+    return out, truth
+
+
+def read_epoch(path, fmt, num_workers=2, batch_size=4, **kw):
+    config = DataConfig(path=path, format=fmt, resolution=RES, batch_size=batch_size, num_workers=num_workers, **kw)
+    loader = build_dataloader(config, rank=0, world_size=1)
+    try:
+        keys, labels, batches = [], [], []
+        while True:
+            pixels, y, k = next(loader)
+            if loader.epoch != 0:  # `epoch` is the epoch of the batch just returned
+                break
+            keys += k
+            labels += y.tolist()
+            batches.append(pixels)
+        return loader, keys, labels, batches
+    finally:
+        loader.close()
+
+
+def test_manifest_lists_counts_skips_and_checksums(shards):
+    out, truth = shards
+    with open(os.path.join(out, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    assert manifest["num_samples"] == len(truth["good"]) == 24
+    assert manifest["class_names"] == list(CLASSES)
+    assert manifest["counts_per_class"] == {"cat": 8, "dog": 8, "eel": 8}
+    assert sorted(s["key"] for s in manifest["skipped"]) == sorted(truth["bad"])
+    assert manifest["resolution"] is None and manifest["encoding"] == "original"
+    for fmt in ("mds", "wds"):
+        shard_list = manifest["shards"][fmt]
+        assert len(shard_list) > 2  # 8KB shards: several per writer process
+        assert sum(s["samples"] for s in shard_list) == 24
+        for shard in shard_list:
+            assert sha256_file(os.path.join(out, fmt, shard["name"])) == shard["sha256"]
+        assert manifest["total_bytes"][fmt] == sum(s["bytes"] for s in shard_list)
+    with open(os.path.join(out, "mds", "index.json")) as handle:
+        index = json.load(handle)
+    assert sum(s["samples"] for s in index["shards"]) == 24
+
+
+def test_rerun_into_non_empty_dir_refuses_unless_overwrite(shards, folder, capsys):
+    out, _ = shards
+    src, _ = folder
+    assert dip(["data", "shard", "--src", src, "--out", out, "--format", "wds", "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert os.path.exists(os.path.join(out, "mds", "index.json"))  # untouched
+
+
+def test_bad_flags_are_clear(tmp_path, capsys):
+    assert dip(["data", "shard", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert dip(["data", "shard", "--src", "synthetic", "--out", str(tmp_path / "o")]) == 2
+    assert "--num-images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dip(["data", "shard", "--src", "synthetic", "--out", "x", "--format", "parquet"])
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_read_back_every_good_image_once_per_epoch(shards, folder, fmt):
+    out, truth = shards
+    src, _ = folder
+    loader, keys, labels, batches = read_epoch(out, fmt, hflip=False)
+    assert sorted(keys) == sorted(truth["good"])  # every good image exactly once, the corrupt ones never
+    assert all(labels[i] == truth["good"][k] for i, k in enumerate(keys))
+    assert all(b.shape == (4, 3, RES, RES) and b.dtype == torch.float32 for b in batches)
+    assert min(b.min() for b in batches) >= -1 and max(b.max() for b in batches) <= 1
+    # pixels are the ADM crop of the original file, scaled to [-1, 1]
+    first = keys[0]
+    with open(os.path.join(src, first), "rb") as handle:
+        expected = to_tensor_pm1(adm_center_crop(decode_image(handle.read()), RES))
+    torch.testing.assert_close(batches[0][0], expected)
+    assert loader.corrupt_samples == 0  # skipped at write time, not at read time
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_order_is_seeded_and_epochs_differ(shards, fmt):
+    out, _ = shards
+    config = DataConfig(path=out, format=fmt, resolution=RES, batch_size=4, num_workers=0, seed=3)
+    runs = []
+    for _ in range(2):
+        loader = build_dataloader(config, 0, 1)
+        runs.append([k for _ in range(12) for k in next(loader)[2]])  # two epochs of 6 batches
+        loader.close()
+    assert runs[0] == runs[1]
+    assert runs[0][:24] != runs[0][24:] and sorted(runs[0][:24]) == sorted(runs[0][24:])
+
+
+def test_flip_is_on_by_default_and_seeded(shards, folder):
+    out, truth = shards
+    src, _ = folder
+    _, keys, _, batches = read_epoch(out, "wds", num_workers=0)
+    pixels = torch.cat(batches)
+    flipped = 0
+    for i, key in enumerate(keys):
+        with open(os.path.join(src, key), "rb") as handle:
+            plain = to_tensor_pm1(adm_center_crop(decode_image(handle.read()), RES))
+        if torch.equal(pixels[i], plain.flip(-1)) and not torch.equal(pixels[i], plain):
+            flipped += 1
+        else:
+            assert torch.equal(pixels[i], plain)
+    assert 0 < flipped < len(keys)
+
+
+@pytest.fixture
+def precropped(tmp_path):
+    out = str(tmp_path / "synthetic")
+    assert dip(["data", "shard", "--src", "synthetic", "--num-images", "48", "--resolution", str(RES),
+                "--out", out, "--format", "both", "--shard-size", "16KB", "--no-progress"]) == 0
+    return out
+
+
+def _corrupt_one_record(out: str) -> str:
+    """Overwrite the middle of one image's bytes inside both the tar and the MDS shard; return its key."""
+    with open(os.path.join(out, "manifest.json")) as handle:
+        manifest = json.load(handle)
+    tar_path = os.path.join(out, "wds", manifest["shards"]["wds"][0]["name"])
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+        image = next(m for m in members if m.name.endswith(".png"))
+        key = tar.extractfile(next(m for m in members if m.name == image.name[:-4] + ".key.txt")).read().decode()
+        payload = tar.extractfile(image).read()
+    patch = payload[len(payload) // 2: len(payload) // 2 + 64]
+    for path in [tar_path] + [os.path.join(out, "mds", s["name"]) for s in manifest["shards"]["mds"]]:
+        with open(path, "r+b") as handle:
+            data = handle.read()
+            at = data.find(payload)
+            if at >= 0:
+                handle.seek(at + len(payload) // 2)
+                handle.write(bytes(64 - b for b in range(64)) if patch != bytes(64) else b"\x01" * 64)
+    return key
+
+
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_corrupt_record_is_skipped_counted_and_warned_once(precropped, fmt):
+    key = _corrupt_one_record(precropped)
+    config = DataConfig(path=precropped, format=fmt, resolution=RES, batch_size=8, num_workers=2)
+    loader = build_dataloader(config, 0, 1)
+    keys = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):  # two epochs of 6 batches: counted twice, warned once
+            pixels, labels, batch_keys = next(loader)
+            assert pixels.shape == (8, 3, RES, RES) and labels.shape == (8,)
+            keys += batch_keys
+    loader.close()
+    ours = [w for w in caught if issubclass(w.category, CorruptSampleWarning)]
+    assert len(ours) == 1 and key in str(ours[0].message)
+    assert loader.corrupt_samples == 2
+    assert key not in keys and len(keys) == 96 and loader.epoch == 1
+    assert loader.state_dict()["corrupt_samples"] == 2
+
+
+def test_truncated_wds_shard_is_an_error_naming_it(precropped):
+    with open(os.path.join(precropped, "manifest.json")) as handle:
+        name = json.load(handle)["shards"]["wds"][0]["name"]
+    path = os.path.join(precropped, "wds", name)
+    os.truncate(path, os.path.getsize(path) // 2)
+    loader = build_dataloader(DataConfig(path=precropped, format="wds", resolution=RES, batch_size=8,
+                                         num_workers=0, shuffle=False), 0, 1)
+    with pytest.raises(RuntimeError) as info:
+        for _ in range(12):
+            next(loader)
+    loader.close()
+    assert name in str(info.value) and path in str(info.value)
+
+
+def test_truncated_mds_shard_is_an_error_naming_it(precropped):
+    with open(os.path.join(precropped, "manifest.json")) as handle:
+        name = json.load(handle)["shards"]["mds"][0]["name"]
+    path = os.path.join(precropped, "mds", name)
+    os.truncate(path, 64)
+    loader = build_dataloader(DataConfig(path=precropped, format="mds", resolution=RES, batch_size=8,
+                                         num_workers=0, shuffle=False), 0, 1)
+    with pytest.raises(RuntimeError) as info:
+        for _ in range(12):
+            next(loader)
+    loader.close()
+    assert name in str(info.value) and os.path.join(precropped, "mds") in str(info.value)
+
+
+def test_missing_path_and_format_are_clear(precropped, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build_dataloader(DataConfig(path=str(tmp_path / "nope"), format="wds", resolution=RES), 0, 1)
+    only_wds = str(tmp_path / "only_wds")
+    assert dip(["data", "shard", "--src", "synthetic", "--num-images", "8", "--out", only_wds, "--format", "wds",
+                "--no-progress"]) == 0
+    with pytest.raises(ValueError, match=r"\['wds'\]"):
+        build_dataloader(DataConfig(path=only_wds, format="mds", resolution=RES), 0, 1)
+    with pytest.raises(ValueError, match="prepare_dataset"):
+        build_dataloader(DataConfig(path="synthetic", resolution=RES), 0, 1)
+
+
+def test_mds_close_releases_its_shared_memory(precropped):
+    loader = build_dataloader(DataConfig(path=precropped, format="mds", resolution=RES, batch_size=8,
+                                         num_workers=2), 0, 1)
+    next(loader)
+    prefix = f"{loader._backend.dataset._shm_prefix_int:06d}_"
+    assert any(name.startswith(prefix) for name in streaming_segments())
+    loader.close()
+    assert not [name for name in streaming_segments() if name.startswith(prefix)]
