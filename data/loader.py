@@ -179,6 +179,10 @@ class _MdsBackend:
 
         for value in list(vars(self.dataset).values()):
             release(value, 3)
+        # streaming never removes its filelocks; once the prefix's segments are gone, neither may anyone else
+        from data.shm import remove_orphan_filelocks
+
+        remove_orphan_filelocks(self.dataset._shm_prefix_int)
         if hasattr(self.dataset, "_executor"):
             self.dataset._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -79,3 +79,15 @@ def clean_stale_streaming_state(grace_s: float = 5.0) -> list[str]:
         except OSError:
             continue
     return removed
+
+
+def remove_orphan_filelocks(prefix_int: int) -> None:
+    """Delete streaming's filelocks of one prefix if none of that prefix's segments is left."""
+    prefix = f"{prefix_int:06d}_"
+    if any(name.startswith(prefix) for name in streaming_segments()):
+        return  # another rank of ours still holds the prefix
+    for name in ("barrier_filelock", "cache_filelock"):
+        try:
+            os.unlink(os.path.join(tempfile.gettempdir(), prefix + name))
+        except FileNotFoundError:
+            pass
