@@ -6,6 +6,7 @@ same on every rank (all ranks step together), so saving rank 0's copy is enough 
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -173,6 +174,7 @@ class _MdsBackend:
             # streaming wraps its segments in SharedScalar / SharedArray / SharedBarrier objects
             if isinstance(obj, SharedMemory):
                 obj.cleanup()
+                atexit.unregister(obj.cleanup)  # a second cleanup at exit could unlink a later run's segment
             elif depth and type(obj).__module__.startswith("streaming.base.shared"):
                 for value in vars(obj).values():
                     release(value, depth - 1)

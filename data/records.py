@@ -5,7 +5,9 @@ import hashlib
 
 import torch
 
-from data.transforms import adm_center_crop, decode_image, to_tensor_pm1
+import numpy as np
+
+from data.transforms import adm_center_crop, decode_pixels, to_tensor_pm1
 
 
 def flip_decision(seed: int, epoch: int, key: str) -> bool:
@@ -15,8 +17,16 @@ def flip_decision(seed: int, epoch: int, key: str) -> bool:
 
 def decode_record(data: bytes, key: str, resolution: int, hflip: bool, seed: int, epoch: int) -> torch.Tensor:
     """Encoded bytes -> float32 (3, N, N) in [-1, 1]. Raises CorruptImageError for bad bytes."""
-    image = adm_center_crop(decode_image(data), resolution)
-    return to_tensor_pm1(image, hflip=hflip and flip_decision(seed, epoch, key))
+    pixels = decode_pixels(data)
+    flip = hflip and flip_decision(seed, epoch, key)
+    if isinstance(pixels, np.ndarray):
+        if pixels.shape[:2] == (resolution, resolution):  # pre-cropped raw pixels: no codec, no resize
+            array = pixels[:, ::-1] if flip else pixels  # (N, N, 3)
+            return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float().div_(127.5).sub_(1.0)
+        from PIL import Image
+
+        pixels = Image.fromarray(pixels, "RGB")
+    return to_tensor_pm1(adm_center_crop(pixels, resolution), hflip=flip)
 
 
 def collate(samples: list[tuple[torch.Tensor, int, str, list[str]]]) -> tuple:

@@ -12,8 +12,28 @@ class CorruptImageError(ValueError):
     """The bytes of a record are not a decodable image."""
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_pixels(data: bytes) -> np.ndarray | Image.Image:
+    """Stored bytes -> pixels: a uint8 (H, W, 3) array for `npy` records (no image codec at all), else
+    a decoded RGB PIL image. Raises CorruptImageError for bad bytes."""
+    if data[:6] == NPY_MAGIC:
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as err:
+            raise CorruptImageError(f"{type(err).__name__}: {err}") from err
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise CorruptImageError(f"npy record holds {array.dtype} {array.shape}, expected uint8 (H, W, 3)")
+        return array
+    return decode_image(data)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, fully loaded (a truncated file raises here)."""
+    if data[:6] == NPY_MAGIC:
+        array = decode_pixels(data)
+        return Image.fromarray(array, "RGB")
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # force the whole decode now: truncation surfaces here, not later
@@ -28,6 +48,9 @@ def verify_image(data: bytes) -> tuple[str, tuple[int, int]]:
     JPEGs are decoded in draft mode (DCT scaling): every scan is still entropy-decoded, so
     truncation and corruption are caught, at a fraction of the cost of a full decode.
     """
+    if data[:6] == NPY_MAGIC:
+        array = decode_pixels(data)
+        return "NPY", (array.shape[1], array.shape[0])
     try:
         image = Image.open(io.BytesIO(data))
         fmt, size = image.format, image.size
@@ -77,10 +100,13 @@ def to_tensor_pm1(pil_image: Image.Image, hflip: bool = False) -> torch.Tensor:
 def encode_image(pil_image: Image.Image, encoding: str, jpeg_quality: int = 95) -> tuple[bytes, str]:
     """Encode for storage; returns (bytes, file extension). PNG is lossless; JPEG uses 4:4:4 chroma."""
     buffer = io.BytesIO()
+    if encoding == "npy":  # raw uint8 pixels: 3 bytes a pixel on disk, no decode cost when reading
+        np.save(buffer, np.asarray(pil_image.convert("RGB")), allow_pickle=False)
+        return buffer.getvalue(), "npy"
     if encoding == "png":
         pil_image.save(buffer, format="PNG", compress_level=1)  # fast to write, decode cost is the same
         return buffer.getvalue(), "png"
     if encoding == "jpeg":
         pil_image.save(buffer, format="JPEG", quality=jpeg_quality, subsampling=0)
         return buffer.getvalue(), "jpg"
-    raise ValueError(f"encoding={encoding!r} is not valid: choose one of ['png', 'jpeg']")
+    raise ValueError(f"encoding={encoding!r} is not valid: choose one of ['png', 'jpeg', 'npy']")

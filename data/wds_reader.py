@@ -19,7 +19,7 @@ from data.transforms import CorruptImageError
 from data.wds_plan import EpochStream, Interval
 
 log = logging.getLogger(__name__)
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "img", "bmp", "tif", "tiff", "gif")
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "npy", "img", "bmp", "tif", "tiff", "gif")
 MAX_SUBSTITUTES = 64  # consecutive corrupt records before a shard is declared unreadable
 
 

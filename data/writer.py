@@ -28,7 +28,7 @@ from data.transforms import CorruptImageError, adm_center_crop, decode_image, en
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 WRITER_FORMATS = ("mds", "wds", "both")
-ENCODINGS = ("png", "jpeg")
+ENCODINGS = ("png", "jpeg", "npy")
 MDS_COLUMNS = {"key": "str", "label": "int", "image": "bytes"}
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ShardOptions:
     out: str
     format: str = "both"            # mds | wds | both
     resolution: int | None = None   # None: store the original encoded bytes
-    encoding: str = "png"           # with --resolution: png (lossless) | jpeg
+    encoding: str = "png"           # with --resolution: png (lossless) | jpeg | npy (raw uint8, fastest read)
     jpeg_quality: int = 95
     shard_size: int = 256 << 20     # bytes per shard (upper bound)
     workers: int = 1
@@ -129,7 +129,7 @@ def _encode_record(source, item: SourceItem, options: ShardOptions) -> tuple[byt
         raise CorruptImageError(f"unreadable: {err}") from err
     if options.resolution is None:
         fmt, _ = verify_image(data)
-        return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(fmt, fmt.lower())
+        return data, {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "NPY": "npy"}.get(fmt, fmt.lower())
     image = adm_center_crop(decode_image(data), options.resolution)
     return encode_image(image, options.encoding, options.jpeg_quality)
 

@@ -183,3 +183,19 @@ def test_epoch_stream_is_a_seeded_permutation_of_records():
     assert records == again and records != other_epoch
     plain = [(s, r) for s, rs in EpochStream([2, 2], 0, 0, False).segments([(1, 3)]) for r in rs]
     assert plain == [(0, 1), (1, 0)]
+
+
+def test_npy_records_roundtrip_without_a_codec():
+    from data.records import decode_record
+    from data.transforms import encode_image
+
+    rng = np.random.default_rng(2)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB")
+    data, ext = encode_image(image, "npy")
+    assert ext == "npy"
+    torch.testing.assert_close(decode_record(data, "k", 16, hflip=False, seed=0, epoch=0), to_tensor_pm1(image))
+    # stored larger than asked: goes through the ADM crop like any image
+    torch.testing.assert_close(decode_record(data, "k", 8, hflip=False, seed=0, epoch=0),
+                               to_tensor_pm1(adm_center_crop(image, 8)))
+    with pytest.raises(CorruptImageError):
+        decode_record(data[:40], "k", 16, hflip=False, seed=0, epoch=0)
