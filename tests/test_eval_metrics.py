@@ -43,6 +43,23 @@ def test_frechet_distance_matches_the_eigenvalue_formula(n, d, shift):
     assert ours == pytest.approx(frechet_distance(GaussianStats.of(y), GaussianStats.of(x)), rel=1e-9)
 
 
+@pytest.mark.parametrize("n", [20, 600])  # singular (N < D) and full-rank covariances
+def test_eigh_method_equals_sqrtm_and_reuses_the_reference_root(n):
+    from trainer.eval.metrics import psd_sqrt
+
+    rng = np.random.default_rng(7)
+    x, y = correlated(rng, n, 48), correlated(rng, n + 5, 48, 0.4)
+    a, b = GaussianStats.of(x), GaussianStats.of(y)
+    with np.errstate(all="ignore"):
+        standard = frechet_distance(a, b, method="sqrtm")
+    fast = frechet_distance(a, b, method="eigh")
+    assert fast == pytest.approx(standard, rel=1e-6)
+    assert fast == pytest.approx(fid_by_eigenvalues(x, y), rel=1e-9)
+    assert frechet_distance(a, b, method="eigh", a_root=psd_sqrt(a.sigma)) == fast
+    with pytest.raises(ValueError, match="sqrtm.*eigh"):
+        frechet_distance(a, b, method="svd")
+
+
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     x = correlated(np.random.default_rng(1), 300, 24)
     assert abs(frechet_distance(GaussianStats.of(x), GaussianStats.of(x))) < 1e-8
