@@ -186,16 +186,20 @@ def test_epoch_stream_is_a_seeded_permutation_of_records():
 
 
 def test_npy_records_roundtrip_without_a_codec():
-    from data.records import decode_record
+    from data.records import decode_record, to_pm1
     from data.transforms import encode_image
 
     rng = np.random.default_rng(2)
     image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB")
     data, ext = encode_image(image, "npy")
     assert ext == "npy"
-    torch.testing.assert_close(decode_record(data, "k", 16, hflip=False, seed=0, epoch=0), to_tensor_pm1(image))
+    torch.testing.assert_close(to_pm1(decode_record(data, "k", 16, hflip=False, seed=0, epoch=0)),
+                               to_tensor_pm1(image))
+    flipped = [k for k in "abcdefgh" if flip_decision(0, 0, k)][0]
+    torch.testing.assert_close(to_pm1(decode_record(data, flipped, 16, hflip=True, seed=0, epoch=0)),
+                               to_tensor_pm1(image, hflip=True))
     # stored larger than asked: goes through the ADM crop like any image
-    torch.testing.assert_close(decode_record(data, "k", 8, hflip=False, seed=0, epoch=0),
+    torch.testing.assert_close(to_pm1(decode_record(data, "k", 8, hflip=False, seed=0, epoch=0)),
                                to_tensor_pm1(adm_center_crop(image, 8)))
     with pytest.raises(CorruptImageError):
         decode_record(data[:40], "k", 16, hflip=False, seed=0, epoch=0)
