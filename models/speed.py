@@ -141,7 +141,8 @@ def _synchronize(device: torch.device) -> None:
 
 def time_sampling(model: nn.Module, batch: int, steps: int, cfg: float, device: torch.device | str,
                   *, resolution: int = 256, cfg_interval: tuple[float, float] = (0.0, 1.0),
-                  method: str = "euler", precision: str = "bf16", repeats: int = 1, seed: int = 0) -> dict:
+                  method: str = "euler", timeshift: float = 1.0, precision: str = "bf16", repeats: int = 1,
+                  seed: int = 0) -> dict:
     """Seconds per image and images/s of `sample()` at one batch size, after one short warm-up.
 
     The warm-up runs 2 steps, which with any interval strictly inside (0, 1] covers both the
@@ -158,7 +159,8 @@ def time_sampling(model: nn.Module, batch: int, steps: int, cfg: float, device: 
 
     def run(n_steps: int) -> torch.Tensor:
         with mixed_precision(device, precision):
-            return sample(model, noise, labels, steps=n_steps, method=method, cfg_scale=cfg, cfg_interval=cfg_interval)
+            return sample(model, noise, labels, steps=n_steps, method=method, cfg_scale=cfg, cfg_interval=cfg_interval,
+                          timeshift=timeshift)
 
     run(min(steps, 2))
     _synchronize(device)
@@ -171,5 +173,5 @@ def time_sampling(model: nn.Module, batch: int, steps: int, cfg: float, device: 
         raise RuntimeError("time_sampling: the sampler produced non-finite values")
     return {"seconds_per_image": seconds / batch, "images_per_s": batch / seconds, "seconds_per_batch": seconds,
             "batch": batch, "steps": steps, "cfg": cfg, "cfg_interval": list(cfg_interval), "method": method,
-            "precision": precision, "resolution": resolution, "device": str(device),
+            "timeshift": timeshift, "precision": precision, "resolution": resolution, "device": str(device),
             "compile": compile_state(model)}

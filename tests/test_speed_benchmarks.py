@@ -1,0 +1,56 @@
+"""The benchmark scripts stand ready: each runs end to end on a tiny size and writes sane figures.
+
+They are smoke runs of the scripts themselves (real DeepSpeed engine on CPU, gloo, a world of one);
+the speed figures are not asserted (timing belongs in benchmarks/, not tests).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str, timeout: int = 600) -> str:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_runs_the_trainer_engine_and_the_sampler(tmp_path):
+    out_json = tmp_path / "gpu.json"
+    stdout = _run("gpu.py", "--smoke", "--warmup-steps", "0", "--train-steps", "1", "--json", str(out_json))
+    result = json.loads(out_json.read_text())
+    assert result["device"] == "cpu" and result["engine"] == "deepspeed"
+    detailer, linear = result["training"]
+    assert (detailer["model"], linear["model"]) == ("DiP-T/16", "DiP-T/16-linear")
+    for row in (detailer, linear):
+        assert row["images_per_s"] > 0 and row["micro_batch"] == 2 and row["achieved_tflops"] > 0
+        assert row["mfu"] is None and row["peak_tflops"] is None     # no made-up MFU on a CPU
+    assert detailer["training_gflops_per_image"] > linear["training_gflops_per_image"]
+    assert "head_step_time_share" in result
+    assert [row["batch"] for row in result["sampling"]] == [1, 2]
+    for row in result["sampling"]:
+        # 4 Euler steps at t = 0, .25, .5, .75 with CFG on (0.11, 0.97): 1 + 3 x 2 evaluations
+        assert row["network_evaluations_per_image"] == 7
+        assert row["seconds_per_image"] > 0 and row["flop_floor_s_per_image"] is None
+    assert "RESULTS.md line: |" in stdout and "MFU n/a" in stdout
+
+
+@pytest.mark.slow
+def test_model_benchmark_runs_on_a_tiny_case(tmp_path):
+    out_json = tmp_path / "model.json"
+    _run("model.py", "--case", "DiP-T/16:32", "--warmup", "0", "--iters", "1", "--threads", "1",
+         "--json", str(out_json))
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["model"] == "DiP-T/16" and row["batch"] == 2
+    detailer, linear = row["detailer"], row["linear"]
+    assert detailer["forward_gflops"] > linear["forward_gflops"] > 0
+    assert detailer["forward_images_per_s"] > 0 and detailer["forward_backward_images_per_s"] > 0
+    assert detailer["head_contiguous_s"] > 0 and detailer["head_channels_last_s"] > 0
+    assert 0.99 < detailer["head_flop_share"] < 1.0          # T/16's backbone is tiny beside the head
