@@ -41,13 +41,18 @@ def _dataloader_kwargs(config: DataConfig) -> dict:
 
 
 def _set_world_env(rank: int, world_size: int) -> None:
-    """streaming reads the world from RANK / WORLD_SIZE / LOCAL_* (Ray Train and torchrun set them)."""
+    """streaming reads the world from RANK / WORLD_SIZE / LOCAL_* (Ray Train and torchrun set them).
+
+    Checked against the arguments; filled in only for world_size > 1 (streaming's defaults are one
+    process), so a single-process loader leaves the environment of its host process alone."""
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
         current = os.environ.get(name)
         if current is not None and int(current) != value:
             raise ValueError(f"build_dataloader(rank={rank}, world_size={world_size}) disagrees with the "
                              f"environment {name}={current}")
-        os.environ[name] = str(value)
+    if world_size == 1:
+        return
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     local_world = int(os.environ.setdefault("LOCAL_WORLD_SIZE", str(world_size)))
     os.environ.setdefault("LOCAL_RANK", str(rank % local_world))
     if world_size % local_world:
@@ -133,7 +138,7 @@ class _MdsBackend:
         _set_world_env(rank, world_size)
         self.config, self.world_size = config, world_size
         local, remote = mds_local_and_remote(root, is_remote(root), cache_dir)
-        nodes = world_size // int(os.environ["LOCAL_WORLD_SIZE"])
+        nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         self.dataset = DecodingStreamingDataset(
             resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
             local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,
