@@ -18,6 +18,7 @@ from data.transforms import adm_center_crop, decode_image, to_tensor_pm1
 from data.writer import sha256_file
 from tests.data_helpers import CLASSES, make_image_folder
 
+pytestmark = pytest.mark.slow  # DataLoader worker processes and a 2-process shard writer
 RES = 32
 
 
