@@ -30,7 +30,8 @@ def _write_synthetic(config: DataConfig, target: str) -> None:
     # Write beside the target and rename: a killed run never leaves a half-written cache to reuse.
     staging = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
     source = SyntheticSource(config.synthetic_images, config.synthetic_classes, config.resolution, config.seed)
-    workers = max(1, min(os.cpu_count() or 1, 8, config.synthetic_images // 500))
+    # One process up to 20k images (~a minute at 64 px): forking a driver that runs Ray threads is best avoided.
+    workers = 1 if config.synthetic_images <= 20000 else max(1, min(os.cpu_count() or 1, 8))
     write_shards(source, ShardOptions(out=staging, format=config.format, shard_size=8 << 20, workers=workers,
                                       order_seed=config.seed, progress=False))
     try:
