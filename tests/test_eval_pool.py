@@ -1,0 +1,162 @@
+"""The Ray eval pool on a real local Ray cluster: equals the single-process computation, survives a
+SIGKILLed actor with the same result, never blocks submit, drops stale evals, survives failed evals."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from tests.test_eval_support import save_tiny_checkpoint
+from trainer.eval.generation import ChunkRunner
+from trainer.eval.local import evaluate_locally
+from trainer.eval.pool import EvalPool
+from trainer.eval.reference import ReferenceStats
+from trainer.eval.spec import SamplingSpec
+
+pytestmark = pytest.mark.slow
+
+IMAGE_SIZE = 32
+SPEC = SamplingSpec(steps=2, method="heun", cfg_scale=2.0, cfg_interval=(0.2, 0.9), num_samples=200,
+                    seed=7, batch_size=25, image_size=IMAGE_SIZE)
+SMALL = SamplingSpec(steps=1, num_samples=8, seed=1, batch_size=4, image_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_pool")
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ChunkRunner("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir):
+    return save_tiny_checkpoint(workdir / "run" / "step-10", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def reference_path(workdir, runner):
+    from data.synthetic import reference_images
+
+    from trainer.eval.inception import extract_features
+
+    images, _ = reference_images(60, IMAGE_SIZE, 10)
+    pool, spatial = extract_features(runner.extractor, [images.permute(0, 2, 3, 1).numpy()])
+    path = workdir / "ref.npz"
+    ReferenceStats.from_features(pool, spatial).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_result(checkpoint, reference_path, runner, workdir):
+    # One thread, as in each single-CPU actor: the same kernels, the same bits.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_locally(checkpoint, SPEC, ReferenceStats.load(reference_path), runner=runner, step=10,
+                                save_npz=workdir / "local.npz", fid_method="eigh")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_scores(result, expected):
+    for name in ("fid", "sfid", "precision", "recall"):
+        got, want = getattr(result, name), getattr(expected, name)
+        assert got is not None and want is not None, name
+        assert abs(got - want) <= 1e-6 * max(1.0, abs(want)), (name, got, want)
+    np.testing.assert_array_equal(result.sample_grid, expected.sample_grid)
+
+
+def test_pool_equals_the_single_process_computation(ray_cluster, checkpoint, reference_path, local_result, workdir):
+    done = []
+    with EvalPool(2, {"num_cpus": 1}, reference_path) as pool:
+        result = pool.evaluate(checkpoint, SPEC, step=10, save_npz=workdir / "pool.npz", on_samples=done.append)
+    assert sum(done) == SPEC.num_samples and len(done) == len(SPEC.chunks())
+    assert result.num_samples == 200 and result.actor_restarts == 0 and result.step == 10
+    assert np.isfinite(result.fid) and result.fid > 0
+    assert 0.0 <= result.precision <= 1.0 and 0.0 <= result.recall <= 1.0
+    assert_same_scores(result, local_result)
+    with np.load(workdir / "pool.npz") as pooled, np.load(workdir / "local.npz") as local:
+        assert pooled["arr_0"].shape == (200, IMAGE_SIZE, IMAGE_SIZE, 3) and pooled["arr_0"].dtype == np.uint8
+        np.testing.assert_array_equal(pooled["arr_0"], local["arr_0"])  # the very same samples
+        np.testing.assert_array_equal(pooled["arr_1"], np.arange(200) % 10)  # class-balanced labels
+
+
+def test_an_actor_killed_mid_eval_gives_the_same_result(ray_cluster, checkpoint, reference_path, local_result, caplog):
+    with EvalPool(2, {"num_cpus": 1}, reference_path) as pool:
+        victim = pool.actor_pids()[1]
+        killed = []
+
+        def kill_after_first_chunk(_count):
+            if not killed:  # work is still in flight on both actors: kill one of them hard
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+        with caplog.at_level(logging.WARNING, logger="trainer.eval.pool"):
+            result = pool.evaluate(checkpoint, SPEC, step=10, on_samples=kill_after_first_chunk)
+        assert killed and victim not in pool.actor_pids()  # replaced by a fresh process
+    assert result.actor_restarts == 1
+    assert "died" in caplog.text
+    assert_same_scores(result, local_result)
+
+
+def wait_until(condition, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_submit_never_blocks_and_drops_the_stale_pending_eval(ray_cluster, checkpoint, reference_path, caplog):
+    with EvalPool(1, {"num_cpus": 1}, reference_path) as pool:
+        pool.submit(checkpoint, 1, SMALL)
+        wait_until(lambda: pool.busy)  # step 1 is running
+        with caplog.at_level(logging.WARNING, logger="trainer.eval.pool"):
+            pool.submit(checkpoint, 2, SMALL)  # pending
+            pool.submit(checkpoint, 3, SMALL)  # replaces step 2, with a warning
+        assert pool.poll() == [] and pool.busy  # submit returned while the eval still runs
+        assert pool.dropped_steps == [2]
+        assert "dropping the pending eval of step 2" in caplog.text
+        assert pool.wait_idle(timeout=300)
+        results = pool.poll()
+    assert [r.step for r in results] == [1, 3]
+    assert results[0].fid == pytest.approx(results[1].fid, rel=1e-9)  # same checkpoint, same seeds
+    assert results[0].sample_grid.shape == (3 * IMAGE_SIZE, 3 * IMAGE_SIZE, 3)  # 8 samples on a 3 x 3 grid
+    assert set(results[0].metrics()) == {"eval/fid", "eval/sfid", "eval/precision", "eval/recall", "eval/seconds"}
+
+
+def test_a_failed_eval_is_recorded_and_the_pool_goes_on(ray_cluster, checkpoint, reference_path, workdir, caplog):
+    with EvalPool(1, {"num_cpus": 1}, reference_path) as pool:
+        with caplog.at_level(logging.ERROR, logger="trainer.eval.pool"):
+            pool.submit(workdir / "run" / "step-99", 99, SMALL)  # never written
+            assert pool.wait_idle(timeout=300)
+        assert pool.poll() == []
+        assert [f.step for f in pool.failures] == [99] and "step-99" in pool.failures[0].error
+        assert "eval of step 99" in caplog.text
+        pool.submit(checkpoint, 10, SMALL)
+        assert pool.wait_idle(timeout=300)
+        assert [r.step for r in pool.poll()] == [10]
+
+
+def test_bad_pool_arguments_are_clear_errors(ray_cluster, reference_path, tmp_path):
+    with pytest.raises(ValueError, match="num_actors"):
+        EvalPool(0, {"num_cpus": 1}, reference_path)
+    with pytest.raises(ValueError, match="num_cpu.*valid keys"):
+        EvalPool(1, {"num_cpu": 1}, reference_path)
+    with pytest.raises(FileNotFoundError, match="ref-stats"):
+        EvalPool(1, {"num_cpus": 1}, tmp_path / "none.npz")
