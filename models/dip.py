@@ -125,9 +125,15 @@ def rope_2d_frequencies(head_dim: int, grid_h: int, grid_w: int, device=None) ->
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs of the head dimension. x (B, T, H, Dh); math in float32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B, T, H, Dh/2)
-    rotated = torch.view_as_real(pairs * freqs_cis[None, :, None, :]).flatten(3)
+    """Rotate consecutive pairs of the head dimension by freqs_cis. x (B, T, H, Dh); math in float32.
+
+    The complex product is written out in real arithmetic so torch.compile can fuse it with the
+    QK-norm (inductor has no complex codegen); it equals the complex form to 1 ulp in float32.
+    """
+    cos = freqs_cis.real[None, :, None, :]                                   # (1, T, 1, Dh/2)
+    sin = freqs_cis.imag[None, :, None, :]
+    x_re, x_im = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)          # (B, T, H, Dh/2) each
+    rotated = torch.stack([x_re * cos - x_im * sin, x_re * sin + x_im * cos], dim=-1).flatten(3)
     return rotated.type_as(x)
 
 

@@ -83,4 +83,6 @@ def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
         prefix = EMA_PREFIX if any(k.startswith(EMA_PREFIX) for k in state) else RAW_PREFIX
         network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
         model = load_official_state_dict(DiP(infer_config(network)), checkpoint, ema=prefix == EMA_PREFIX)
-    return model.to(device).eval().requires_grad_(False)
+    # Not frozen with requires_grad_(False): autocast caches its bf16 weight casts only for
+    # leaves that require grad, and sampling already runs under no_grad.
+    return model.to(device).eval()

@@ -43,6 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast on GPU (CPU runs fp32)")
     p.add_argument("--benchmark", action="store_true", help="time sampling and print seconds/image, images/s")
     p.add_argument("--out", default="grid.png")
     p.set_defaults(handler=run)
@@ -77,7 +78,7 @@ def run(args) -> int:
     net = model
     if args.compile:
         from models.speed import maybe_compile
-        net = maybe_compile(model, enabled=True)
+        net = maybe_compile(model, enabled=True, dynamic=False)
 
     labels = torch.tensor(args.labels, device=device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -85,10 +86,13 @@ def run(args) -> int:
     if args.benchmark:
         from models.speed import time_sampling
         stats = time_sampling(net, batch=len(labels), steps=args.steps, cfg=args.cfg, device=device,
-                              resolution=side, method=args.method, cfg_interval=args.interval)
+                              resolution=side, method=args.method, cfg_interval=args.interval,
+                              precision=args.precision)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
         return 0
-    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+    from models.speed import mixed_precision
+
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar, mixed_precision(device, args.precision):
         x = sample(net, noise, labels, steps=args.steps, method=args.method, cfg_scale=args.cfg,
                    cfg_interval=args.interval, timeshift=args.timeshift, null_label=config.num_classes,
                    callback=lambda k, n: bar.update(1))
