@@ -157,7 +157,8 @@ def test_real_shards_are_read_once_in_order(tmp_path):
     # Same set of images as the data layer's source (the shard order may differ from the index order).
     as_rows = {row.tobytes() for row in expected.permute(0, 2, 3, 1).numpy()}
     assert {row.tobytes() for row in got} == as_rows
-    balanced = np.concatenate(list(dataset_batches(DatasetRequest(config.path, num_samples=8, image_size=16), ReadCounts())))
+    request = DatasetRequest(config.path, num_samples=8, image_size=16)
+    balanced = np.concatenate(list(dataset_batches(request, ReadCounts())))
     assert balanced.shape == (8, 16, 16, 3)
 
 

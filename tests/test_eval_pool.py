@@ -160,3 +160,8 @@ def test_bad_pool_arguments_are_clear_errors(ray_cluster, reference_path, tmp_pa
         EvalPool(1, {"num_cpu": 1}, reference_path)
     with pytest.raises(FileNotFoundError, match="ref-stats"):
         EvalPool(1, {"num_cpus": 1}, tmp_path / "none.npz")
+    np.savez(tmp_path / "wrong.npz", mean=np.zeros(3))
+    with pytest.raises(ValueError, match=r"wrong\.npz.*'mu' and 'sigma'"):
+        EvalPool(1, {"num_cpus": 1}, tmp_path / "wrong.npz")
+    with pytest.raises(ValueError, match="fid_method"):
+        EvalPool(1, {"num_cpus": 1}, reference_path, fid_method="svd")

@@ -8,12 +8,14 @@ IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the I
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="FID / sFID / precision / recall: reference stats, image sets, checkpoints")
+    parser = subparsers.add_parser(
+        "eval", help="FID / sFID / precision / recall: reference stats, image sets, checkpoints")
     sub = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
 
     ref = sub.add_parser("ref-stats", help="reference statistics (.npz) of a dataset")
-    ref.add_argument("--data", required=True, help="'synthetic', an ImageFolder tree, a shard dir, an image folder or an .npz")
+    ref.add_argument("--data", required=True,
+                     help="'synthetic', an ImageFolder tree, a shard dir, an image folder or an .npz")
     ref.add_argument("--out", required=True, help="output .npz (mu, sigma, mu_s, sigma_s, pool_features)")
     ref.add_argument("--num-samples", type=int, default=None, help="exactly this many images, class-balanced")
     ref.add_argument("--image-size", type=int, default=None, help="resolution (ADM center crop for image folders)")
@@ -34,7 +36,8 @@ def register(subparsers) -> None:
 
     run = sub.add_parser("run", help="evaluate a checkpoint's EMA model on the Ray eval pool")
     run.add_argument("checkpoint", help="a step-N/ checkpoint directory, an ema.pt, a `dip export` or Lightning file")
-    run.add_argument("--ref", required=True, help="reference statistics .npz (dip eval ref-stats, or an ADM reference batch)")
+    run.add_argument("--ref", required=True,
+                     help="reference statistics .npz (dip eval ref-stats, or an ADM reference batch)")
     run.add_argument("--num-samples", type=int, default=50_000)
     run.add_argument("--steps", type=int, default=100)
     run.add_argument("--method", default="euler", choices=("euler", "heun"))
@@ -90,27 +93,16 @@ def _progress(total: int, desc: str):
 
 
 def _ref_stats(args) -> int:
-    from pathlib import Path
+    from .datasets import DatasetRequest, build_reference
 
-    from .datasets import DatasetRequest, ReadCounts, dataset_batches
-    from .inception import InceptionFeatures, extract_features
-    from .reference import ReferenceStats
-
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ValueError(f"--out {out}: must end in .npz")
     request = DatasetRequest(data=args.data, num_samples=args.num_samples, image_size=args.image_size,
                              num_classes=args.num_classes, seed=args.seed, start=args.start,
                              batch_size=args.batch_size)
-    counts = ReadCounts()
-    device = _device(args.device)
-    extractor = InceptionFeatures().to(device)
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"--out {args.out}: must end in .npz")
     with _progress(args.num_samples, "ref-stats") as bar:
-        pool, spatial = extract_features(extractor, dataset_batches(request, counts), device, bar.update)
-    reference = ReferenceStats.from_features(pool, spatial, keep_features=args.pr_reference_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    reference.save(out)
-    print(f"{args.data}: {counts.images} images ({counts.skipped} unreadable, skipped) -> {out}")
+        _, counts = build_reference(request, args.out, _device(args.device), args.pr_reference_size, bar.update)
+    print(f"{args.data}: {counts.images} images ({counts.skipped} unreadable, skipped) -> {args.out}")
     return 0
 
 

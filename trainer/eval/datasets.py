@@ -233,3 +233,22 @@ class _shards:
         finally:
             self.counts.skipped += loader.corrupt_samples
             loader.close()
+
+
+def build_reference(request: DatasetRequest, out: str | Path | None = None, device: str = "cpu",
+                    keep_features: int = 10_000, on_images=None):
+    """Reference statistics of a dataset (what `dip eval ref-stats` runs); saved to `out` when given.
+    Returns (ReferenceStats, ReadCounts)."""
+    from .inception import InceptionFeatures, extract_features
+    from .reference import ReferenceStats
+
+    if out is not None and Path(out).suffix != ".npz":
+        raise ValueError(f"--out {out}: must end in .npz")
+    counts = ReadCounts()
+    extractor = InceptionFeatures().to(device)
+    pool, spatial = extract_features(extractor, dataset_batches(request, counts), device, on_images)
+    reference = ReferenceStats.from_features(pool, spatial, keep_features=keep_features)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        reference.save(out)
+    return reference, counts

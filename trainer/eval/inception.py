@@ -148,7 +148,8 @@ def extract_features(extractor: InceptionFeatures, batches, device: str | torch.
 
     pools, spatials = [], []
     for batch in batches:
-        images = torch.from_numpy(np.require(batch, requirements=["C", "W"])).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W)
+        images = torch.from_numpy(np.require(batch, requirements=["C", "W"]))  # (B, H, W, 3), writable
+        images = images.permute(0, 3, 1, 2).to(device)                          # (B, 3, H, W)
         pool, spatial = extractor(images)
         pools.append(pool.cpu().numpy())
         spatials.append(spatial.cpu().numpy())

@@ -112,14 +112,6 @@ def manifold_radii(features: np.ndarray, k: int = 3, block: int = 2048) -> np.nd
     return radii.numpy()
 
 
-def _inside_manifold(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, block: int) -> np.ndarray:
-    inside = torch.zeros(points.shape[0], dtype=torch.bool)
-    for start in range(0, points.shape[0], block):
-        d = _pairwise_sq_dists(points[start:start + block], manifold)  # (b, M)
-        inside[start:start + block] = (d <= radii[None, :]).any(dim=1)
-    return inside.numpy()
-
-
 def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, block: int = 2048,
                      reference_radii: np.ndarray | None = None) -> tuple[float, float]:
     """Improved precision and recall of `samples` against `reference` pool3 features."""
@@ -127,8 +119,14 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
     gen = torch.from_numpy(np.asarray(samples, dtype=np.float64))
     if ref.shape[1] != gen.shape[1]:
         raise ValueError(f"feature dimensions differ: {ref.shape[1]} vs {gen.shape[1]}")
-    ref_radii = torch.from_numpy(reference_radii if reference_radii is not None else manifold_radii(reference, k, block))
-    gen_radii = torch.from_numpy(manifold_radii(samples, k, block))
-    precision = _inside_manifold(gen, ref, ref_radii, block).mean()
-    recall = _inside_manifold(ref, gen, gen_radii, block).mean()
-    return float(precision), float(recall)
+    if reference_radii is None:
+        reference_radii = manifold_radii(reference, k, block)
+    ref_radii = torch.from_numpy(reference_radii)           # (M,)
+    gen_radii = torch.from_numpy(manifold_radii(samples, k, block))  # (N,)
+    precise = torch.zeros(gen.shape[0], dtype=torch.bool)   # sample inside some reference ball
+    recalled = torch.zeros(ref.shape[0], dtype=torch.bool)  # reference inside some sample ball
+    for start in range(0, gen.shape[0], block):
+        d = _pairwise_sq_dists(gen[start:start + block], ref)  # (b, M): one pass serves both directions
+        precise[start:start + block] = (d <= ref_radii[None, :]).any(dim=1)
+        recalled |= (d <= gen_radii[start:start + block, None]).any(dim=0)
+    return float(precise.double().mean()), float(recalled.double().mean())

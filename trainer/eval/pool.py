@@ -93,8 +93,9 @@ class EvalActor:
 
 
 class EvalPool:
-    def __init__(self, num_actors: int, resources_per_actor: dict | None = None, ref_stats_path: str | Path | None = None,
-                 *, reference=None, max_actor_restarts: int = 3, fid_method: str = "eigh"):
+    def __init__(self, num_actors: int, resources_per_actor: dict | None = None,
+                 ref_stats_path: str | Path | None = None, *, reference=None, max_actor_restarts: int = 3,
+                 fid_method: str = "eigh"):
         if not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"EvalPool num_actors={num_actors!r}: must be a positive integer")
         resources = dict(resources_per_actor or {"num_cpus": 1})
@@ -107,9 +108,13 @@ class EvalPool:
             raise ValueError(f"EvalPool fid_method={fid_method!r}: choose one of {FID_METHODS}")
         if (ref_stats_path is None) == (reference is None):
             raise ValueError("EvalPool: give exactly one of ref_stats_path or reference")
-        if ref_stats_path is not None and not Path(ref_stats_path).is_file():
-            raise FileNotFoundError(f"EvalPool ref_stats_path={ref_stats_path}: no such file "
-                                    "(make one with `dip eval ref-stats --data ... --out ref.npz`)")
+        if ref_stats_path is not None:
+            if not Path(ref_stats_path).is_file():
+                raise FileNotFoundError(f"EvalPool ref_stats_path={ref_stats_path}: no such file "
+                                        "(make one with `dip eval ref-stats --data ... --out ref.npz`)")
+            from .reference import check_reference_file
+
+            check_reference_file(ref_stats_path)  # a wrong file fails here, not in every actor later
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(include_dashboard=False, log_to_driver=False)

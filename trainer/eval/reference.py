@@ -87,11 +87,9 @@ class ReferenceStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such reference statistics file")
+        check_reference_file(path)
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
-            if not {"mu", "sigma"} <= keys:
-                raise ValueError(f"{path}: reference statistics need 'mu' and 'sigma' (ADM format); "
-                                 f"it holds {sorted(keys)}")
             pool = GaussianStats(data["mu"], data["sigma"])
             spatial = GaussianStats(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= keys else None
             features = data["pool_features"] if "pool_features" in keys else None
@@ -104,6 +102,20 @@ class ReferenceStats:
         if features is None:
             log.warning("%s has neither pool_features nor arr_0: precision/recall will not be reported", path)
         return cls(pool=pool, spatial=spatial, pool_features=features, num_images=num_images)
+
+
+def check_reference_file(path: str | Path) -> None:
+    """Cheap validation (reads the member list only): a readable .npz with at least mu and sigma."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable .npz of reference statistics ({err})") from err
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single array, not an .npz of reference statistics (mu, sigma, ...)")
+    with data:
+        keys = set(data.files)
+    if not {"mu", "sigma"} <= keys:
+        raise ValueError(f"{path}: reference statistics need 'mu' and 'sigma' (ADM format); it holds {sorted(keys)}")
 
 
 def _features_of_reference_images(path: Path, extractor, device: str) -> np.ndarray:
