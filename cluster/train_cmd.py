@@ -1,0 +1,33 @@
+"""`dip train CONFIG.yaml [key=value ...]`: load and check the config, then run the driver."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a DiP model on Ray + DeepSpeed (resumes a run of the same name)",
+        description="Train a DiP model: starts or attaches to a Ray cluster and runs DeepSpeed ZeRO workers. "
+                    "Re-running the same command (same run_name) resumes from the newest committed checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  dip train configs/quickstart_cpu.yaml\n"
+               "  dip train configs/dip_xl16_256.yaml data.path=/data/imagenet-mds optim.lr=2e-4 run_name=xl16-a")
+    parser.add_argument("config", help="a YAML file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any config key, e.g. train.max_steps=500 cluster.num_workers=4")
+    parser.add_argument("--check", action="store_true", help="validate and print the resolved config, then exit")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from trainer.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.check:
+        print(f"# {cfg.batch_arithmetic()}")
+        print(to_yaml(cfg), end="")
+        return 0
+    from cluster.launch import launch
+
+    summary = launch(cfg)
+    return 0 if summary.status in ("FINISHED", "STOPPED") else 1

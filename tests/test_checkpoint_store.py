@@ -1,0 +1,134 @@
+"""The commit protocol of step-N/ directories on a real (local) filesystem."""
+import json
+import logging
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from trainer.checkpoint_store import MARKER, CheckpointStore, step_name
+
+
+def _write_rank_files(store, step, rank, attempt, payload=b"x" * 100):
+    rel = f"{step_name(step)}/shard-{rank}.pt"
+    size = store.write_stream(rel, lambda f: f.write(payload))
+    store.report_done(step, rank, attempt, {f"shard-{rank}.pt": size})
+
+
+def _commit(store, step, world=2, attempt="a1"):
+    for rank in range(world):
+        _write_rank_files(store, step, rank, attempt)
+    files = store.wait_for_ranks(step, world, attempt, timeout_s=5)
+    store.commit(step, files, {"world_size": world})
+
+
+def test_a_step_counts_only_after_the_marker(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for rank in range(2):
+        _write_rank_files(store, 10, rank, "a1")
+    assert store.steps() == [10]
+    assert store.latest_committed() is None and not store.verify(10).ok
+    files = store.wait_for_ranks(10, 2, "a1", timeout_s=5)
+    assert files == {"shard-0.pt": 100, "shard-1.pt": 100}
+    store.commit(10, files, {"world_size": 2})
+    assert store.verify(10).ok and store.latest_committed() == 10
+    marker = json.loads((tmp_path / "ckpt" / "step-10" / MARKER).read_text())
+    assert marker["step"] == 10 and marker["files"] == files
+
+
+def test_truncated_and_unmarked_checkpoints_are_skipped_with_a_warning_naming_them(tmp_path, caplog):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit(store, 5)
+    _commit(store, 10)
+    for rank in range(2):
+        _write_rank_files(store, 15, rank, "a1")  # never committed: a crash before the marker
+    with open(tmp_path / "ckpt" / "step-10" / "shard-1.pt", "r+b") as f:
+        f.truncate(40)  # a torn write
+    with caplog.at_level(logging.WARNING, logger="dip.checkpoint"):
+        assert store.latest_committed() == 5
+    text = caplog.text
+    assert "step-15" in text and "no COMMITTED marker" in text
+    assert "step-10" in text and "shard-1.pt is truncated" in text
+
+
+def test_a_missing_file_or_garbled_marker_is_not_loadable(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit(store, 1)
+    _commit(store, 2)
+    os.remove(tmp_path / "ckpt" / "step-2" / "shard-0.pt")
+    assert "shard-0.pt is missing" in store.verify(2).reason
+    (tmp_path / "ckpt" / "step-1" / MARKER).write_text("{not json")
+    assert "unreadable" in store.verify(1).reason
+    assert store.latest_committed(warn=False) is None
+
+
+def test_commit_waits_for_every_rank_of_this_attempt_only(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    # a dead attempt's note for rank 1 must not count for the new attempt
+    _write_rank_files(store, 20, 1, "dead-attempt")
+    _write_rank_files(store, 20, 0, "new")
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] did not finish writing"):
+        store.wait_for_ranks(20, 2, "new", timeout_s=0.3)
+
+    def late_rank():
+        time.sleep(0.3)
+        _write_rank_files(store, 20, 1, "new")
+
+    thread = threading.Thread(target=late_rank)
+    thread.start()
+    files = store.wait_for_ranks(20, 2, "new", timeout_s=10)
+    thread.join()
+    assert set(files) == {"shard-0.pt", "shard-1.pt"}
+
+
+def test_prune_keeps_the_newest_k_and_never_what_is_newer_than_the_last_commit(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for step in (10, 20, 30, 40):
+        _commit(store, step)
+    for rank in range(2):
+        _write_rank_files(store, 25, rank, "a1")  # an old leftover (older than the newest commit)
+        _write_rank_files(store, 50, rank, "a1")  # in flight: newer than the newest commit
+    deleted = store.prune(keep=2)
+    assert sorted(deleted) == [10, 20, 25]
+    assert store.steps() == [30, 40, 50]
+    assert store.committed_steps(warn=False) == [30, 40]
+
+
+def test_prune_with_keep_one_keeps_the_last_committed(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit(store, 1)
+    for rank in range(2):
+        _write_rank_files(store, 2, rank, "a1")  # step 2 not committed yet
+    store.prune(keep=1)
+    assert store.latest_committed(warn=False) == 1 and store.steps() == [1, 2]
+
+
+def test_discard_after_removes_leftovers_newer_than_the_resume_point(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit(store, 4)
+    for rank in range(2):
+        _write_rank_files(store, 8, rank, "dead")
+    assert store.discard_after(4) == [8]
+    assert store.steps() == [4]
+    assert store.discard_after(None) == [4] and store.steps() == []
+
+
+def test_torch_files_round_trip_with_weights_only(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    state = {"w": torch.randn(3, 4), "step": 7}
+    size = store.write_stream("step-7/state.pt", lambda f: torch.save(state, f))
+    assert size == os.path.getsize(tmp_path / "ckpt" / "step-7" / "state.pt")
+    loaded = torch.load(store.open_file(7, "state.pt"), weights_only=True)
+    assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 7
+
+
+def test_stop_request_round_trip(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    assert not store.stop_requested()
+    store.request_stop()
+    assert store.stop_requested()
+    store.clear_stop_request()
+    assert not store.stop_requested()
+    store.clear_stop_request()  # idempotent

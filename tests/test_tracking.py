@@ -1,0 +1,80 @@
+"""MLflow behind a background queue: real sqlite store, real client, an unreachable server."""
+import socket
+import time
+
+import pytest
+
+from trainer.tracking import RunLogger, embedded_uri, finish_run, open_run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_open_run_logs_params_and_tags_and_reopens_by_id(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = embedded_uri(str(tmp_path))
+    run_id = open_run(uri, "dip-test", "r1", {"optim.lr": "0.001", "train.zero_stage": "2"},
+                      {"world_size": "2", "git_commit": "abc"}, str(tmp_path / "artifacts"))
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"optim.lr": "0.001", "train.zero_stage": "2"}
+    assert run.data.tags["world_size"] == "2" and run.data.tags["dip.run_name"] == "r1"
+    assert run.info.artifact_uri.startswith(f"file://{tmp_path}/artifacts")
+    finish_run(uri, run_id, "KILLED")
+    again = open_run(uri, "dip-test", "r1", {"optim.lr": "0.001"}, {"resumed": "yes"}, None, resume_run_id=run_id)
+    assert again == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["resumed"] == "yes"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_metrics_and_artifacts_reach_the_sqlite_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = embedded_uri(str(tmp_path))
+    run_id = open_run(uri, "dip-test", "r1", {}, {}, str(tmp_path / "artifacts"))
+    logger = RunLogger(uri, run_id)
+    for step in range(1, 251):  # more than one log_batch of metrics
+        logger.log_metrics({"loss": 1.0 / step, "lr": 1e-3, "grad_norm": None}, step)
+    card = tmp_path / "card.md"
+    card.write_text("# card")
+    logger.log_artifact(str(card), "docs")
+    logger.set_tags({"phase": "done"})
+    assert logger.close(timeout_s=60)
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(1, 251))
+    assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
+    assert client.get_metric_history(run_id, "grad_norm") == []  # None is left out, never faked
+    assert [a.path for a in client.list_artifacts(run_id, "docs")] == ["docs/card.md"]
+    assert client.get_run(run_id).data.tags["phase"] == "done"
+
+
+def test_an_unreachable_server_never_blocks_the_caller(caplog):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
+    logger = RunLogger(uri, "0" * 32, retry_min_s=0.05, retry_max_s=0.2, warn_every_s=0.0)
+    start = time.perf_counter()
+    for step in range(1000):
+        logger.log_metrics({"loss": 0.5}, step)
+    assert time.perf_counter() - start < 0.5  # 1000 calls: queue appends only
+    assert logger.flush(timeout_s=0.5) is False
+    deadline = time.monotonic() + 10
+    while logger.failures == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert logger.failures >= 1 and logger.backlog == 1000  # kept, not dropped
+    with caplog.at_level("WARNING", logger="dip.tracking"):
+        assert logger.close(timeout_s=0.2) is False
+    assert "not logged before exit" in caplog.text
+
+
+def test_a_full_buffer_drops_the_oldest_and_counts_them():
+    uri = f"http://127.0.0.1:{_free_port()}"
+    logger = RunLogger(uri, "0" * 32, max_pending=10, retry_min_s=5.0)
+    for step in range(25):
+        logger.log_metrics({"loss": float(step)}, step)
+    assert logger.dropped >= 14 and logger.backlog <= 11
+    logger.close(timeout_s=0.1)

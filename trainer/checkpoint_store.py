@@ -1,0 +1,250 @@
+"""A directory of `step-N/` checkpoints on any pyarrow filesystem: local, shared (NFS), or `s3://`.
+
+A checkpoint counts only once its COMMITTED marker exists. The marker is written last, by rank 0,
+after every rank has reported its files; it lists every file with its size, so a truncated file
+or a half-written directory is recognised and never loaded. DeepSpeed's own `latest` file is not
+used: it is written before the ranks' barrier.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger("dip.checkpoint")
+
+MARKER = "COMMITTED"
+TRAIN_STATE = "train_state.pt"
+EMA_FILE = "ema.pt"
+DONE_PREFIX = ".done-rank-"
+STOP_REQUEST = "STOP_REQUESTED"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str, bool]:
+    """(filesystem, root path inside it, is_local) for a local path or a `scheme://` URI."""
+    if "://" in uri and not uri.startswith("file://"):
+        fs, root = pafs.FileSystem.from_uri(uri)
+        return fs, root.rstrip("/"), False
+    path = uri[len("file://"):] if uri.startswith("file://") else uri
+    return pafs.LocalFileSystem(), os.path.abspath(path), True
+
+
+@dataclass
+class Verdict:
+    step: int
+    ok: bool
+    reason: str = ""
+
+
+class CheckpointStore:
+    """Layout and commit protocol of <root>/step-N/; knows nothing of models or DeepSpeed."""
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem | None = None):
+        self.uri = uri
+        if filesystem is not None:
+            self.fs, self.root, self.is_local = filesystem, uri.rstrip("/"), isinstance(filesystem, pafs.LocalFileSystem)
+        else:
+            self.fs, self.root, self.is_local = resolve_filesystem(uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def step_path(self, step: int, *parts: str) -> str:
+        return self.path(step_name(step), *parts)
+
+    def display(self, step: int | None = None) -> str:
+        """A path a person can paste: the local path, or the URI for object storage."""
+        base = self.root if self.is_local else self.uri.rstrip("/")
+        return base if step is None else f"{base}/{step_name(step)}"
+
+    # -- listing and verifying -----------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Every step-N directory, committed or not, ascending."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        found = []
+        for info in infos:
+            match = _STEP_DIR.match(info.base_name)
+            if match and info.type == pafs.FileType.Directory:
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def read_marker(self, step: int) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.step_path(step, MARKER)) as f:
+                return json.loads(f.read().decode())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"corrupt": True}
+
+    def verify(self, step: int) -> Verdict:
+        """Committed and complete: the marker exists and every file it lists has its recorded size."""
+        marker = self.read_marker(step)
+        if marker is None:
+            return Verdict(step, False, "no COMMITTED marker (an interrupted or in-flight write)")
+        if marker.get("corrupt") or "files" not in marker:
+            return Verdict(step, False, "the COMMITTED marker is unreadable")
+        paths = [self.step_path(step, rel) for rel in marker["files"]]
+        infos = self.fs.get_file_info(paths) if paths else []
+        for (rel, size), info in zip(marker["files"].items(), infos):
+            if info.type != pafs.FileType.File:
+                return Verdict(step, False, f"{rel} is missing")
+            if info.size != size:
+                return Verdict(step, False, f"{rel} is truncated or altered ({info.size} bytes, marker says {size})")
+        return Verdict(step, True)
+
+    def committed_steps(self, warn: bool = True) -> list[int]:
+        good = []
+        for step in self.steps():
+            verdict = self.verify(step)
+            if verdict.ok:
+                good.append(step)
+            elif warn:
+                log.warning("skipping checkpoint %s: %s", self.display(step), verdict.reason)
+        return good
+
+    def latest_committed(self, warn: bool = True) -> int | None:
+        """The newest checkpoint that verifies; newer broken ones are named in a warning and skipped."""
+        for step in reversed(self.steps()):
+            verdict = self.verify(step)
+            if verdict.ok:
+                return step
+            if warn:
+                log.warning("skipping checkpoint %s: %s", self.display(step), verdict.reason)
+        return None
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_stream(self, rel_path: str, write_fn) -> int:
+        """Write one file through write_fn(file object); returns its size. Local files are fsynced."""
+        path = self.path(rel_path)
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            with open(path, "wb") as f:
+                write_fn(f)
+                f.flush()
+                os.fsync(f.fileno())
+            return os.path.getsize(path)
+        with self.fs.open_output_stream(path) as f:
+            write_fn(f)
+        return self.fs.get_file_info(path).size
+
+    def write_json(self, rel_path: str, payload: dict, atomic: bool = True) -> None:
+        data = json.dumps(payload, indent=1, sort_keys=True).encode()
+        if self.is_local and atomic:  # write aside, then rename: a reader sees all of it or nothing
+            tmp = rel_path + ".tmp"
+            self.write_stream(tmp, lambda f: f.write(data))
+            os.replace(self.path(tmp), self.path(rel_path))
+        else:  # an object-store PUT is atomic by itself
+            self.write_stream(rel_path, lambda f: f.write(data))
+
+    def read_json(self, rel_path: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path(rel_path)) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def report_done(self, step: int, rank: int, attempt: str, files: dict[str, int]) -> None:
+        """A rank's own 'my files are written' note; rank 0 commits once it has every rank's."""
+        self.write_json(f"{step_name(step)}/{DONE_PREFIX}{rank}.json", {"attempt": attempt, "files": files})
+
+    def wait_for_ranks(self, step: int, world_size: int, attempt: str, timeout_s: float,
+                       poll_s: float = 0.05) -> dict[str, int]:
+        """Block until every rank of this attempt reported step's files; return the merged file list."""
+        deadline = time.monotonic() + timeout_s
+        merged: dict[int, dict[str, int]] = {}
+        while True:
+            for rank in range(world_size):
+                if rank in merged:
+                    continue
+                note = self.read_json(f"{step_name(step)}/{DONE_PREFIX}{rank}.json")
+                if note is not None and note.get("attempt") == attempt:  # a dead attempt's note does not count
+                    merged[rank] = note["files"]
+            if len(merged) == world_size:
+                return {rel: size for files in merged.values() for rel, size in files.items()}
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(world_size)) - set(merged))
+                raise TimeoutError(f"checkpoint {self.display(step)}: ranks {missing} did not finish writing "
+                                   f"within {timeout_s:.0f} s; it stays uncommitted")
+            time.sleep(poll_s)
+
+    def commit(self, step: int, files: dict[str, int], info: dict) -> None:
+        """Write the marker: the one act that makes step-N count."""
+        self.write_json(f"{step_name(step)}/{MARKER}", {**info, "step": step, "files": files,
+                                                         "committed_at": time.time()})
+
+    # -- deleting ------------------------------------------------------------------------------
+    def delete_step(self, step: int) -> None:
+        try:
+            self.fs.delete_dir(self.step_path(step))
+        except FileNotFoundError:
+            pass
+
+    def prune(self, keep: int) -> list[int]:
+        """Keep the newest `keep` committed checkpoints. Delete older committed ones and uncommitted
+        leftovers older than the newest committed one. Never touches anything newer than the newest
+        committed checkpoint (it may be in flight), so the last committed one always survives."""
+        committed = self.committed_steps(warn=False)
+        if not committed:
+            return []
+        newest = committed[-1]
+        keep_set = set(committed[-keep:])
+        doomed = [s for s in self.steps() if s < newest and s not in keep_set]
+        for step in doomed:
+            self.delete_step(step)
+        return doomed
+
+    def discard_after(self, step: int | None) -> list[int]:
+        """At resume: remove step dirs newer than the resume point (uncommitted or broken leftovers
+        of a dead attempt), so a re-written step-N never mixes files of two attempts."""
+        doomed = [s for s in self.steps() if step is None or s > step]
+        for s in doomed:
+            log.warning("removing leftover checkpoint %s (not committed or not loadable)", self.display(s))
+            self.delete_step(s)
+        return doomed
+
+    # -- reading for resume --------------------------------------------------------------------
+    def open_file(self, step: int, rel_path: str) -> io.BytesIO:
+        with self.fs.open_input_stream(self.step_path(step, rel_path)) as f:
+            return io.BytesIO(f.read())
+
+    def local_dir(self, step: int, cache_dir: str) -> str:
+        """A local directory holding step-N: the directory itself when local, else a downloaded copy."""
+        if self.is_local:
+            return self.step_path(step)
+        target = os.path.join(cache_dir, step_name(step))
+        marker = self.read_marker(step) or {}
+        os.makedirs(target, exist_ok=True)
+        for rel in marker.get("files", {}):
+            dest = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            pafs.copy_files(self.step_path(step, rel), dest, source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return target
+
+    # -- stop requests (the driver asks the workers to checkpoint and stop) --------------------
+    def request_stop(self) -> None:
+        self.write_json(STOP_REQUEST, {"requested_at": time.time()})
+
+    def stop_requested(self) -> bool:
+        return self.fs.get_file_info(self.path(STOP_REQUEST)).type == pafs.FileType.File
+
+    def clear_stop_request(self) -> None:
+        try:
+            self.fs.delete_file(self.path(STOP_REQUEST))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,84 @@
+"""`dip export CHECKPOINT --out model.pt`: one committed checkpoint -> one sampling state dict.
+
+CHECKPOINT is a committed `step-N/` directory, or a checkpoints directory (its newest committed
+step is used). The default exports the EMA weights (what the paper samples with) as
+{"model_config": ..., "state_dict": ...}, the format `dip sample` loads; `--official` writes the
+authors' layout {"state_dict": {"denoiser.<key>": raw, "ema_denoiser.<key>": EMA}}; `--weights model`
+exports the raw (non-EMA) weights, consolidated from the ZeRO shards, instead of the EMA.
+"""
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export", help="consolidate a training checkpoint into one EMA state dict for `dip sample`",
+        description=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("checkpoint", help="a committed step-N/ directory, or a checkpoints directory (newest step)")
+    parser.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    parser.add_argument("--official", action="store_true",
+                        help="write the authors' layout: {'state_dict': {'denoiser.' + key: raw, 'ema_denoiser.' + key: EMA}}")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="ema (default): the EMA weights; model: the raw weights, consolidated from ZeRO shards")
+    parser.set_defaults(handler=run)
+
+
+def resolve_step_dir(path: str) -> tuple[str, int]:
+    """(committed step-N directory, N) for a step dir or a checkpoints dir; refuses anything unmarked."""
+    from trainer.checkpoint_store import CheckpointStore
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} is not a directory (expected step-N/ or a checkpoints directory)")
+    base = os.path.basename(path)
+    if base.startswith("step-") and base[5:].isdigit():
+        store, step = CheckpointStore(os.path.dirname(path)), int(base[5:])
+        verdict = store.verify(step)
+        if not verdict.ok:
+            raise ValueError(f"checkpoint {path} cannot be exported: {verdict.reason}")
+        return path, step
+    store = CheckpointStore(path)
+    step = store.latest_committed(warn=True)
+    if step is None:
+        raise FileNotFoundError(f"{path} holds no committed step-N/ checkpoint")
+    return store.step_path(step), step
+
+
+def consolidated_model_weights(step_dir: str) -> dict:
+    """The raw weights of the DiP (no EMA) from any ZeRO stage's shards, in float32."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(step_dir), tag=os.path.basename(step_dir))
+    prefix = "denoiser."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def export(checkpoint: str, out: str, official: bool = False, weights: str = "ema") -> str:
+    import torch
+
+    from trainer.checkpoint_store import EMA_FILE
+
+    step_dir, step = resolve_step_dir(checkpoint)
+    payload = torch.load(os.path.join(step_dir, EMA_FILE), map_location="cpu", weights_only=True)
+    state_dict = payload["state_dict"] if weights == "ema" else consolidated_model_weights(step_dir)
+    if official:  # the authors' Lightning layout: raw weights under denoiser., EMA under ema_denoiser.
+        from models import DiP, DiPConfig, export_official_state_dict
+
+        config = DiPConfig(**payload["model_config"])
+        raw_model, ema_model = DiP(config), DiP(config)
+        raw_model.load_state_dict(consolidated_model_weights(step_dir), strict=True)
+        ema_model.load_state_dict(payload["state_dict"], strict=True)
+        result = export_official_state_dict(raw_model, ema_model)
+    else:
+        result = {"model_config": payload["model_config"], "state_dict": state_dict}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(result, out)
+    return step_dir
+
+
+def run(args) -> int:
+    step_dir = export(args.checkpoint, args.out, official=args.official, weights=args.weights)
+    kind = "official layout" if args.official else "model_config + state_dict"
+    print(f"dip export: {args.weights} weights of {step_dir} -> {os.path.abspath(args.out)} ({kind})")
+    return 0

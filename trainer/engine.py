@@ -1,0 +1,91 @@
+"""What DeepSpeed trains, and how: the objective module, the DeepSpeed config, the engine."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from trainer.config import TrainConfig
+
+
+class DiffusionObjective(nn.Module):
+    """DiP (+ the REPA projector) with the flow-matching loss as forward, so DeepSpeed owns all of it.
+
+    The frozen REPA encoder is deliberately *not* a submodule: ZeRO would partition and checkpoint
+    its weights, and it is never trained. It is reached through `self._repa`, which DeepSpeed
+    does not see; the projector inside it is registered, so it is trained and saved.
+    """
+
+    def __init__(self, denoiser: nn.Module, objective, repa=None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.objective = objective
+        if repa is not None:
+            self.repa_projector = repa.projector
+        object.__setattr__(self, "_repa", repa)
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        # pixels (B, 3, N, N) in [-1, 1]; labels (B,) -> (scalar loss, dict of detached parts)
+        return self.objective.loss(self.denoiser, pixels, labels, generator=generator, repa=self._repa)
+
+    def move_frozen_encoder(self, device: torch.device) -> None:
+        if self._repa is not None:
+            self._repa.encoder.to(device)
+
+
+def build_objective_module(cfg: TrainConfig) -> DiffusionObjective:
+    """The DiP of cfg.model, seeded by cfg.train.seed so every rank builds identical weights."""
+    from models import DiP
+    from models.transport import FlowMatching
+
+    torch.manual_seed(cfg.train.seed)
+    model_cfg = cfg.model.dip_config()
+    denoiser = DiP(model_cfg)
+    objective = FlowMatching(num_classes=model_cfg.num_classes, label_dropout=cfg.objective.label_dropout,
+                             t_mean=cfg.objective.t_mean, t_std=cfg.objective.t_std)
+    repa = None
+    if cfg.objective.repa_enabled:
+        from models.repa import REPA, TinyEncoder, load_repa_encoder
+
+        encoder = TinyEncoder() if cfg.objective.repa_encoder == "tiny" else load_repa_encoder(cfg.objective.repa_encoder)
+        repa = REPA(encoder, model_cfg.hidden_size, encoder.feature_dim, block=cfg.objective.repa_block,
+                    weight=cfg.objective.repa_weight)
+    return DiffusionObjective(denoiser, objective, repa)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON config of a run (batch sizes, ZeRO stage, precision, clipping)."""
+    zero: dict = {"stage": cfg.train.zero_stage}
+    if cfg.train.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)  # overlap buys nothing on gloo/CPU
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no 45 s CPU-Adam JIT build
+        "steps_per_print": 10 ** 12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    warmup = cfg.optim.warmup_steps
+    # linear warmup, then constant (the paper trains at a constant 1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return optimizer, scheduler
+
+
+def build_engine(cfg: TrainConfig, module: DiffusionObjective, world_size: int):
+    """deepspeed.initialize on an already-initialised process group (Ray Train sets it up)."""
+    import deepspeed
+
+    optimizer, scheduler = build_optimizer(module, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+    module.move_frozen_encoder(engine.device)
+    return engine

@@ -1,0 +1,75 @@
+"""Driver-side eval hook: hands committed checkpoints to the FID eval pool, logs what comes back."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from trainer.checkpoint_store import CheckpointStore
+from trainer.config import TrainConfig
+
+log = logging.getLogger("dip.eval")
+
+
+class EvalHook:
+    """Every eval.every_steps, the newest committed checkpoint goes to trainer.eval.pool.EvalPool.
+
+    Non-blocking: `poll()` is called from the driver's wait loop; evals run on their own Ray actors.
+    Off (a no-op) unless eval.enabled.
+    """
+
+    def __init__(self, cfg: TrainConfig, store: CheckpointStore, tracker=None, poll_every_s: float = 10.0):
+        self.cfg, self.store, self.tracker = cfg, store, tracker
+        self.poll_every_s = poll_every_s
+        self.pool = None
+        self.submitted: set[int] = set()
+        self.results = []
+        self._last_poll = 0.0
+        if not cfg.eval.enabled:
+            return
+        if not store.is_local:
+            log.warning("eval: checkpoints in %s are not local; the eval pool reads local step dirs, eval is off",
+                        store.display())
+            return
+        from trainer.eval.pool import EvalPool
+        from trainer.eval.spec import SamplingSpec
+
+        resources = {"num_gpus": 1, "num_cpus": 1} if cfg.cluster.use_gpu else {"num_cpus": 1}
+        self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats)
+        self.spec = SamplingSpec(steps=cfg.eval.steps, method=cfg.eval.method, cfg_scale=cfg.eval.cfg_scale,
+                                 cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
+                                 image_size=cfg.data.resolution, seed=cfg.train.seed)
+
+    def poll(self, force: bool = False) -> None:
+        if self.pool is None or (not force and time.monotonic() - self._last_poll < self.poll_every_s):
+            return
+        self._last_poll = time.monotonic()
+        due = [s for s in self.store.committed_steps(warn=False)
+               if s % self.cfg.eval.every_steps == 0 and s not in self.submitted]
+        if due:
+            step = due[-1]  # the pool keeps one pending job: the newest is the one worth scoring
+            self.submitted.update(due)
+            self.pool.submit(self.store.step_path(step), step, self.spec)
+        for result in self.pool.poll():
+            self.results.append(result)
+            log.info("eval step %s: FID %.3f (%d samples, %.0f s)", result.step, result.fid, result.num_samples,
+                     result.seconds)
+            if self.tracker is not None:
+                self.tracker.log_metrics(result.metrics(), result.step or 0)
+                self._log_grid(result)
+
+    def _log_grid(self, result) -> None:
+        from PIL import Image
+
+        path = os.path.join(self.cfg.run_dir, "samples", f"eval-step-{result.step}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(result.sample_grid).save(path)
+        self.tracker.log_artifact(path, "eval")
+
+    def close(self, wait_s: float = 0.0) -> None:
+        if self.pool is None:
+            return
+        if wait_s > 0:
+            self.pool.wait_idle(timeout=wait_s)
+        self.poll(force=True)
+        self.pool.close()

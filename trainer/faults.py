@@ -1,0 +1,71 @@
+"""Fault injection for the kill-and-resume tests. Inert unless a DIP_FAULT_* variable is set.
+
+Each fault fires once per run: it leaves a `fired-*` file in DIP_FAULT_DIR first, so the worker
+group that Ray restarts afterwards runs clean. A fault is a real SIGKILL of the worker process:
+no cleanup, no flush, exactly what a lost node or an OOM kill does.
+
+  DIP_FAULT_DIR                  where the fired-* notes and rank-R.pid files go (required)
+  DIP_FAULT_KILL_AT=S:R          rank R kills itself right after optimizer step S
+  DIP_FAULT_KILL_IN_CHECKPOINT=S:R   rank R kills itself while writing checkpoint step-S
+                                     (after its first file, before it reports its files done)
+  DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The fault variables of the driver, to hand to the Ray workers."""
+    return {k: os.environ[k] for k in ENV_KEYS if k in os.environ}
+
+
+def _target(name: str) -> tuple[int, int] | None:
+    spec = os.environ.get(name)
+    if not spec:
+        return None
+    step, rank = spec.split(":")
+    return int(step), int(rank)
+
+
+def _fire_once(tag: str) -> bool:
+    """True the first time in this run (across restarts): records that the fault fired."""
+    directory = os.environ["DIP_FAULT_DIR"]
+    note = os.path.join(directory, f"fired-{tag}")
+    try:
+        fd = os.open(note, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # never reached: SIGKILL cannot be handled
+
+
+def record_pid(rank: int) -> None:
+    directory = os.environ.get("DIP_FAULT_DIR")
+    if directory:
+        with open(os.path.join(directory, f"rank-{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def after_step(step: int, rank: int) -> None:
+    if "DIP_FAULT_STEP_SLEEP_S" in os.environ:
+        time.sleep(float(os.environ["DIP_FAULT_STEP_SLEEP_S"]))
+    target = _target("DIP_FAULT_KILL_AT")
+    if target == (step, rank) and _fire_once(f"kill-at-{step}-{rank}"):
+        _die()
+
+
+def in_checkpoint_write(step: int, rank: int) -> None:
+    target = _target("DIP_FAULT_KILL_IN_CHECKPOINT")
+    if target == (step, rank) and _fire_once(f"kill-in-checkpoint-{step}-{rank}"):
+        _die()

@@ -1,0 +1,240 @@
+"""MLflow behind a background queue: logging never blocks a training step.
+
+`RunLogger` (rank 0 of the workers, and the driver) puts metrics, tags and artifacts on a queue; a
+daemon thread sends them in batches. When the tracking server is unreachable the thread keeps the
+items, warns (at most every 30 s) and retries with backoff; the step loop never waits, except at
+`flush(timeout)` (checkpoints, exit), which gives up after the timeout. The driver side
+(`open_run`, `finish_run`) creates or reopens the one MLflow run of a training run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("dip.tracking")
+
+MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
+MAX_PARAMS_PER_BATCH = 100
+
+
+def embedded_uri(run_dir: str) -> str:
+    return f"sqlite:///{os.path.abspath(os.path.join(run_dir, 'mlflow.db'))}"
+
+
+def resolve_uri(configured: str, run_dir: str) -> str:
+    """tracking.uri, or the embedded sqlite store inside the run directory when it is empty."""
+    return configured or embedded_uri(run_dir)
+
+
+def _limit_http_retries() -> None:
+    # MLflow's REST client retries for minutes by default; our thread retries on its own schedule.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+
+@dataclass
+class _Item:
+    kind: str          # "metrics" | "tags" | "artifact"
+    payload: Any
+    step: int = 0
+    timestamp: int = 0
+
+
+class RunLogger:
+    """Non-blocking writer to one MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str, max_pending: int = 200_000,
+                 retry_min_s: float = 0.5, retry_max_s: float = 30.0, warn_every_s: float = 30.0):
+        _limit_http_retries()
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.max_pending = max_pending
+        self.retry_min_s, self.retry_max_s, self.warn_every_s = retry_min_s, retry_max_s, warn_every_s
+        self.dropped = 0        # items thrown away because the buffer was full
+        self.failures = 0       # failed send attempts
+        self._pending: deque[_Item] = deque()
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._closed = False
+        self._last_warning = 0.0
+        self._thread = threading.Thread(target=self._run, name="dip-mlflow", daemon=True)
+        self._thread.start()
+
+    # -- producer side: never blocks ------------------------------------------------------------
+    def _put(self, item: _Item) -> None:
+        with self._cond:
+            if len(self._pending) >= self.max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append(item)
+            self._cond.notify_all()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._put(_Item("metrics", clean, step, now))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._put(_Item("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self._put(_Item("artifact", (local_path, artifact_path)))
+
+    @property
+    def backlog(self) -> int:
+        with self._cond:
+            return len(self._pending) + self._in_flight
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until everything queued so far is sent, at most timeout_s. True if all was sent."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._pending or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.1))
+        return True
+
+    def close(self, timeout_s: float) -> bool:
+        sent = self.flush(timeout_s)
+        if not sent:
+            log.warning("MLflow at %s: %d buffered item(s) not logged before exit", self.tracking_uri, self.backlog)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=1.0)
+        return sent
+
+    # -- consumer side --------------------------------------------------------------------------
+    def _take_batch(self) -> list[_Item]:
+        """The next items to send together: a run of metric items, or one other item."""
+        batch: list[_Item] = []
+        count = 0
+        while self._pending:
+            item = self._pending[0]
+            if item.kind != "metrics":
+                if not batch:
+                    batch.append(self._pending.popleft())
+                break
+            if count + len(item.payload) > MAX_BATCH_METRICS and batch:
+                break
+            batch.append(self._pending.popleft())
+            count += len(item.payload)
+        return batch
+
+    def _send(self, batch: list[_Item]) -> None:
+        from mlflow.entities import Metric
+
+        first = batch[0]
+        if first.kind == "metrics":
+            metrics = [Metric(key, value, item.timestamp, item.step) for item in batch for key, value in item.payload.items()]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+        elif first.kind == "tags":
+            for key, value in first.payload.items():
+                self.client.set_tag(self.run_id, key, value)
+        elif first.kind == "artifact":
+            local_path, artifact_path = first.payload
+            self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def _run(self) -> None:
+        backoff = self.retry_min_s
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed and not self._pending:
+                    return
+                batch = self._take_batch()
+                self._in_flight = len(batch)
+            try:
+                self._send(batch)
+                backoff = self.retry_min_s
+                with self._cond:
+                    self._in_flight = 0
+                    self._cond.notify_all()
+            except Exception as err:  # the server is away: keep the items, warn, retry later
+                self.failures += 1
+                with self._cond:
+                    self._pending.extendleft(reversed(batch))
+                    self._in_flight = 0
+                    self._cond.notify_all()
+                now = time.monotonic()
+                if now - self._last_warning >= self.warn_every_s:
+                    self._last_warning = now
+                    log.warning("MLflow at %s unreachable (%s); %d item(s) buffered, retrying",
+                                self.tracking_uri, type(err).__name__, self.backlog)
+                with self._cond:
+                    if self._closed:
+                        return
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        Driver side
+# ----------------------------------------------------------------------------------------------
+
+def git_commit(repo_dir: str) -> str:
+    try:
+        out = subprocess.run(["git", "-C", repo_dir, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+             artifact_dir: str | None, resume_run_id: str | None = None) -> str:
+    """Create the MLflow run of a training run, or reopen it by id on resume. Returns the run id."""
+    _limit_http_retries()
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if resume_run_id:
+        try:
+            client.get_run(resume_run_id)
+            client.update_run(resume_run_id, status="RUNNING")
+            client.log_batch(resume_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+            return resume_run_id
+        except MlflowException as err:
+            log.warning("MLflow run %s of the checkpoint not found at %s (%s); starting a new MLflow run",
+                        resume_run_id, tracking_uri, err.error_code)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        location = f"file://{os.path.abspath(artifact_dir)}" if artifact_dir else None
+        experiment_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        experiment_id = found.experiment_id
+    run = client.create_run(experiment_id, run_name=run_name, tags={"dip.run_name": run_name, **tags})
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run.info.run_id, params=items[i:i + MAX_PARAMS_PER_BATCH], synchronous=True)
+    return run.info.run_id
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status=status)
+    except Exception as err:  # tracking must never fail the run
+        log.warning("could not mark MLflow run %s as %s: %s", run_id, status, err)
+
+
+def run_url(tracking_uri: str, run_id: str, experiment_id: str | None = None) -> str:
+    if tracking_uri.startswith("http"):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id or '0'}/runs/{run_id}"
+    return f"run {run_id} in {tracking_uri}"
