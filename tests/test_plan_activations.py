@@ -27,6 +27,8 @@ import pytest
 from cluster.plan import activation_breakdown
 from models.dip import DiPConfig
 
+pytestmark = pytest.mark.slow  # a child process doing ~30 s of CPU work
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, DiPConfig kwargs, resolution, batch, precision, checkpointing)
