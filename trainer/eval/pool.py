@@ -189,8 +189,9 @@ class EvalPool:
             self._closed = True
             self._pending = None
             self._state.notify_all()
-        for actor in self._actors:
-            ray.kill(actor, no_restart=True)
+        if ray.is_initialized():  # the caller may have shut Ray down first: the actors are gone then
+            for actor in self._actors:
+                ray.kill(actor, no_restart=True)
         self._thread.join(timeout=30)
         if self._owns_ray:
             ray.shutdown()
