@@ -1,0 +1,450 @@
+"""Run `dip train` on a running Ray cluster as a Ray Job, and manage those jobs (Ray Jobs SDK).
+
+`dip submit` checks everything it can before it submits: the config loads and validates, it
+lives inside the project directory that is shipped, its outputs do not land in the job's
+throw-away working directory, and the cluster's job server answers. Only then is the job created.
+
+The job's runtime_env ships this checkout as `working_dir` (minus virtualenvs, runs and caches)
+and pins the dependencies in one of two ways (`--deps`):
+
+* `image` (default): the cluster's Python already has the stack (a container image or a shared
+  virtualenv built from pyproject.toml; torch alone is 5.5 GB, too much to install per job). The
+  entrypoint first runs `python -m cluster.submit --check-pins`, which fails the job at once, with
+  the list of differences, if any installed version differs from a pin in pyproject.toml.
+* `pip`: Ray installs the pinned list from pyproject.toml into a per-job virtualenv on every node
+  (cached by Ray across jobs with the same list). Ray itself is never in that list: the cluster's
+  Ray must be the pinned one already, and `dip submit` checks it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPS_MODES = ("image", "pip")
+# Never shipped: environments, outputs, caches, VCS data (Ray's working_dir limit is 500 MiB).
+WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlflow.db", "quickstart_out", ".pytest_cache",
+                        "__pycache__", "*.egg-info", ".whl", ".gl", "*.pt", "*.ckpt", "*.npz"]
+# Seconds Ray gives the driver between SIGTERM (`dip jobs stop`) and SIGKILL: our driver uses them to
+# ask the workers for a final committed checkpoint (cluster/launch.py _StopOnSignal).
+DEFAULT_STOP_GRACE_S = 300
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ClusterUnreachable(RuntimeError):
+    """The job server did not answer; nothing was submitted."""
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       Address and pins
+# ----------------------------------------------------------------------------------------------
+
+def resolve_address(address: str | None) -> str:
+    """The job server URL: --address, else $RAY_ADDRESS. Must be the dashboard's http(s) URL."""
+    value = address or os.environ.get("RAY_ADDRESS", "")
+    if not value:
+        raise ValueError("no cluster address: pass --address http://HEAD:8265 (the Ray dashboard / job server "
+                         "of the head node) or set RAY_ADDRESS")
+    if not re.match(r"^https?://[^/\s:]+(:\d+)?/?$", value):
+        raise ValueError(f"--address={value!r} is not a job server URL: expected http://HEAD:PORT, e.g. "
+                         "http://10.0.0.1:8265 (ray://, host:port and 'auto' are not job server addresses)")
+    return value.rstrip("/")
+
+
+def read_dependencies(pyproject: str | None = None) -> list[str]:
+    """The `[project] dependencies` of pyproject.toml, as written (pinned where pinned)."""
+    import tomllib
+
+    path = pyproject or os.path.join(PROJECT_ROOT, "pyproject.toml")
+    with open(path, "rb") as handle:
+        return list(tomllib.load(handle)["project"]["dependencies"])
+
+
+def _requirement_name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~; ]", requirement, maxsplit=1)[0].strip()
+
+
+def exact_pins(requirements: list[str]) -> dict[str, str]:
+    """{"torch": "2.14.1", "ray": "2.60.0", ...} for the `name==version` requirements."""
+    pins = {}
+    for requirement in requirements:
+        match = re.match(r"^\s*([A-Za-z0-9_.\-]+)(\[[^\]]*\])?\s*==\s*([^\s;]+)\s*$", requirement)
+        if match:
+            pins[match.group(1)] = match.group(3)
+    return pins
+
+
+def pin_mismatches(pins: dict[str, str], installed=None) -> list[str]:
+    """Human-readable differences between `pins` and this Python's installed distributions."""
+    from importlib import metadata
+
+    def version_of(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    lookup = installed or version_of
+    problems = []
+    for name, wanted in sorted(pins.items()):
+        found = lookup(name)
+        if found is None:
+            problems.append(f"{name}=={wanted} is not installed")
+        elif found.split("+", 1)[0] != wanted.split("+", 1)[0]:  # a local build tag (+cu130) is the same release
+            problems.append(f"{name}=={wanted} is pinned, {found} is installed")
+    return problems
+
+
+def check_pins(pyproject: str | None = None) -> int:
+    """Entry point of `python -m cluster.submit --check-pins` (the first command of an image-mode job)."""
+    problems = pin_mismatches(exact_pins(read_dependencies(pyproject)))
+    if problems:
+        print("dip: this cluster's Python does not match the pins in pyproject.toml:\n  " + "\n  ".join(problems)
+              + f"\n  (python: {sys.executable}). Rebuild the image from pyproject.toml, or submit with --deps pip.",
+              file=sys.stderr)
+        return 1
+    print(f"dip: the cluster's Python matches every pin in pyproject.toml ({sys.executable})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+#                                      Building the job
+# ----------------------------------------------------------------------------------------------
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not _ENV_NAME.match(name):
+            raise ValueError(f"--env {pair!r} is not valid: expected NAME=VALUE with NAME like MY_VAR")
+        env[name] = value
+    return env
+
+
+def relative_config_path(config_path: str, project_root: str = PROJECT_ROOT) -> str:
+    """The config's path inside the shipped directory (the job runs from a copy of it)."""
+    absolute = os.path.realpath(config_path)
+    root = os.path.realpath(project_root)
+    if os.path.commonpath([absolute, root]) != root:
+        raise ValueError(f"config {config_path!r} is outside the project directory {root}, which is what is "
+                         "shipped to the cluster: copy it under configs/ and submit that copy")
+    return os.path.relpath(absolute, root)
+
+
+def cluster_overrides(cfg, overrides: list[str]) -> list[str]:
+    """Overrides the job needs on top of the user's: the driver must attach to the cluster it runs on."""
+    extra = []
+    if not cfg.cluster.address:
+        extra.append("cluster.address=auto")  # "" would start a second, private Ray inside the job
+    return [*overrides, *extra]
+
+
+def storage_problems(cfg) -> list[str]:
+    """Config choices that would lose the run on a cluster: relative paths resolve inside the job's
+    temporary copy of the project, which is deleted when the job ends."""
+    problems = []
+    if not os.path.isabs(cfg.output_dir):
+        problems.append(f"output_dir={cfg.output_dir!r} is relative: the run directory (config, samples, the "
+                        "embedded MLflow store) would live in the job's temporary working directory; set an "
+                        "absolute path on shared storage, e.g. output_dir=/shared/runs")
+    path = cfg.checkpoint.path
+    if path and "://" not in path and not os.path.isabs(path):
+        problems.append(f"checkpoint.path={path!r} is relative: use an absolute shared path or s3://bucket/prefix")
+    data_path = cfg.data.path
+    if data_path != "synthetic" and "://" not in data_path and not os.path.isabs(data_path):
+        problems.append(f"data.path={data_path!r} is relative: use an absolute path every node can read, "
+                        "or s3://bucket/prefix")
+    return problems
+
+
+def build_runtime_env(deps: str, env_vars: dict[str, str], stop_grace_s: int,
+                      project_root: str = PROJECT_ROOT) -> dict:
+    if deps not in DEPS_MODES:
+        raise ValueError(f"--deps={deps!r} is not valid: choose one of {list(DEPS_MODES)}")
+    env = {"PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace_s)), **env_vars}
+    runtime_env: dict = {"working_dir": project_root, "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": env}
+    if deps == "pip":
+        packages = [r for r in read_dependencies(os.path.join(project_root, "pyproject.toml"))
+                    if _requirement_name(r) != "ray"]  # the cluster's own Ray must not be replaced
+        runtime_env["pip"] = {"packages": packages, "pip_check": False}
+    return runtime_env
+
+
+def build_entrypoint(config_rel: str, overrides: list[str], deps: str) -> str:
+    train = shlex.join(["python", "-m", "cluster.cli", "train", config_rel, *overrides])
+    if deps == "image":
+        return f"python -m cluster.submit --check-pins && {train}"
+    return train
+
+
+def new_submission_id(run_name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", run_name)[:40]
+    return f"dip-{safe}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Talking to the cluster
+# ----------------------------------------------------------------------------------------------
+
+def auth_headers() -> dict[str, str]:
+    """Ray's token authentication (on by default since Ray 2.5x): the cluster's token, from
+    $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (where `ray start` and
+    `ray get-auth-token` keep it). Sent as X-Ray-Authorization, the header meant to pass proxies."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+        if os.path.isfile(path):
+            with open(path) as handle:
+                token = handle.read().strip()
+    return {"X-Ray-Authorization": f"Bearer {token}"} if token else {}
+
+
+def connect(address: str):
+    """A JobSubmissionClient for `address`, or ClusterUnreachable naming the address."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError as err:
+        raise ClusterUnreachable(f"the Ray job server at {address} refused us: {str(err).splitlines()[0]}. Copy the "
+                                 "cluster's token (`ray get-auth-token` on the head node) into RAY_AUTH_TOKEN") from None
+    except (ConnectionError, RuntimeError, OSError) as err:
+        raise ClusterUnreachable(f"cannot reach the Ray job server at {address}: {err}. Is the head node up, "
+                                 "and is its dashboard listening there (ray start --head --dashboard-host ...)?") from None
+
+
+def dashboard_job_url(address: str, job_id: str) -> str:
+    return f"{address}/#/jobs/{job_id}"
+
+
+def cluster_ray_version(client) -> str | None:
+    """The Ray version of the cluster, from the dashboard's /api/version."""
+    try:
+        response = client._do_request("GET", "/api/version")
+        if response.status_code == 200:
+            return response.json().get("ray_version")
+    except Exception:  # an older or proxied dashboard: the version is only a pre-flight check
+        return None
+    return None
+
+
+@dataclass
+class MlflowLink:
+    text: str                 # what to print
+    run_id: str | None = None
+
+
+def mlflow_link(tracking_uri: str, experiment: str, run_name: str) -> MlflowLink:
+    """The best link we can give: the run's page when it exists, else the experiment's page. A
+    sqlite/file store lives on the head node, so we say where it is and how to open it."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return MlflowLink(f"{tracking_uri} (on the head node; open it there with "
+                          f"`mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1`)")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    base = tracking_uri.rstrip("/")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return MlflowLink(f"{base} (experiment {experiment!r} is created when the job starts)")
+        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`dip.run_name` = '{run_name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            run_id = runs[0].info.run_id
+            return MlflowLink(f"{base}/#/experiments/{found.experiment_id}/runs/{run_id}", run_id)
+        return MlflowLink(f"{base}/#/experiments/{found.experiment_id} (run {run_name!r} appears when the job starts; "
+                          "`dip jobs status ID` prints its own link)")
+    except Exception as err:  # the tracking server is the job's business; never block a submission on it
+        return MlflowLink(f"{base} (not reachable from here: {type(err).__name__})")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            Submit
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SubmitRequest:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    address: str | None = None
+    deps: str = "image"
+    env: dict[str, str] = field(default_factory=dict)
+    submission_id: str | None = None
+    stop_grace_s: int = DEFAULT_STOP_GRACE_S
+    project_root: str = PROJECT_ROOT
+
+    def __post_init__(self):
+        if self.deps not in DEPS_MODES:
+            raise ValueError(f"--deps={self.deps!r} is not valid: choose one of {list(DEPS_MODES)}")
+        if not isinstance(self.stop_grace_s, int) or self.stop_grace_s < 0:
+            raise ValueError(f"--stop-grace-s={self.stop_grace_s!r} is not valid: expected an integer >= 0")
+        for name in self.env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"--env name {name!r} is not a valid environment variable name")
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    address: str
+    dashboard_url: str
+    mlflow: MlflowLink
+    entrypoint: str
+    runtime_env: dict
+    run_name: str
+    checkpoints: str
+
+
+def prepare(request: SubmitRequest):
+    """Every check that needs no cluster. Returns (cfg, entrypoint, runtime_env, metadata)."""
+    from cluster.launch import run_paths
+    from trainer.config import load_config
+
+    cfg = load_config(request.config, request.overrides)
+    config_rel = relative_config_path(request.config, request.project_root)
+    overrides = cluster_overrides(cfg, list(request.overrides))
+    problems = storage_problems(cfg)
+    if problems:
+        raise ValueError("this config would lose its outputs on a cluster: " + "; ".join(problems))
+    entrypoint = build_entrypoint(config_rel, overrides, request.deps)
+    runtime_env = build_runtime_env(request.deps, request.env, request.stop_grace_s, request.project_root)
+    paths = run_paths(cfg)
+    metadata = {"dip.run_name": cfg.run_name, "dip.config": config_rel, "dip.overrides": " ".join(overrides),
+                "dip.tracking_uri": paths.tracking_uri, "dip.experiment": cfg.tracking.experiment,
+                "dip.checkpoints": paths.checkpoint_uri}
+    return cfg, entrypoint, runtime_env, metadata
+
+
+def submit(request: SubmitRequest) -> SubmitResult:
+    """Validate, connect, submit. Raises ValueError / FileNotFoundError / ClusterUnreachable before
+    anything is submitted."""
+    cfg, entrypoint, runtime_env, metadata = prepare(request)
+    address = resolve_address(request.address)
+    client = connect(address)
+    ray_pin = exact_pins(read_dependencies(os.path.join(request.project_root, "pyproject.toml"))).get("ray")
+    cluster_ray = cluster_ray_version(client)
+    if ray_pin and cluster_ray and cluster_ray != ray_pin:
+        raise ValueError(f"the cluster at {address} runs Ray {cluster_ray}, this project pins ray=={ray_pin}: "
+                         "start the cluster from an image built with pyproject.toml")
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                               submission_id=request.submission_id or new_submission_id(cfg.run_name),
+                               metadata=metadata,
+                               entrypoint_num_cpus=0)  # the driver is light; keep every CPU for the workers
+    return SubmitResult(job_id=job_id, address=address, dashboard_url=dashboard_job_url(address, job_id),
+                        mlflow=mlflow_link(metadata["dip.tracking_uri"], cfg.tracking.experiment, cfg.run_name),
+                        entrypoint=entrypoint, runtime_env=runtime_env, run_name=cfg.run_name,
+                        checkpoints=metadata["dip.checkpoints"])
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            Jobs
+# ----------------------------------------------------------------------------------------------
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _status_name(status) -> str:
+    return str(getattr(status, "value", status))
+
+
+@dataclass
+class JobView:
+    job_id: str
+    status: str
+    entrypoint: str
+    message: str
+    start_time: float | None
+    end_time: float | None
+    metadata: dict
+
+    @classmethod
+    def from_details(cls, details) -> "JobView":
+        def seconds(ms):
+            return ms / 1000.0 if ms else None
+
+        return cls(job_id=details.submission_id or details.job_id or "?", status=_status_name(details.status),
+                   entrypoint=details.entrypoint or "", message=details.message or "",
+                   start_time=seconds(details.start_time), end_time=seconds(details.end_time),
+                   metadata=dict(details.metadata or {}))
+
+    @property
+    def run_name(self) -> str:
+        return self.metadata.get("dip.run_name", "")
+
+
+def list_jobs(address: str | None) -> list[JobView]:
+    address = resolve_address(address)
+    jobs = [JobView.from_details(d) for d in connect(address).list_jobs()]
+    return sorted(jobs, key=lambda j: j.start_time or 0.0, reverse=True)
+
+
+def job_status(address: str | None, job_id: str) -> tuple[str, JobView]:
+    address = resolve_address(address)
+    client = connect(address)
+    try:
+        details = client.get_job_info(job_id)
+    except RuntimeError as err:
+        raise ValueError(f"no job {job_id!r} on {address}: {err}") from None
+    return address, JobView.from_details(details)
+
+
+def job_logs(address: str | None, job_id: str) -> str:
+    address = resolve_address(address)
+    try:
+        return connect(address).get_job_logs(job_id)
+    except RuntimeError as err:
+        raise ValueError(f"no logs for job {job_id!r} on {address}: {err}") from None
+
+
+def follow_logs(address: str | None, job_id: str, write=None) -> str:
+    """Stream the logs until the job ends; returns the job's final status."""
+    import asyncio
+
+    address = resolve_address(address)
+    client = connect(address)
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    try:
+        asyncio.run(stream())
+    except RuntimeError as err:
+        raise ValueError(f"cannot follow job {job_id!r} on {address}: {err}") from None
+    return _status_name(client.get_job_status(job_id))
+
+
+def stop_job(address: str | None, job_id: str, wait_s: float = 0.0) -> str:
+    """Ask Ray to stop the job (SIGTERM to the driver: it checkpoints, then exits); optionally wait
+    for a terminal status. Returns the last status seen."""
+    address = resolve_address(address)
+    client = connect(address)
+    try:
+        client.stop_job(job_id)
+    except RuntimeError as err:
+        raise ValueError(f"cannot stop job {job_id!r} on {address}: {err}") from None
+    deadline = time.monotonic() + wait_s
+    status = _status_name(client.get_job_status(job_id))
+    while status not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = _status_name(client.get_job_status(job_id))
+    return status
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--check-pins"]:
+        sys.exit(check_pins())
+    print("usage: python -m cluster.submit --check-pins", file=sys.stderr)
+    sys.exit(2)

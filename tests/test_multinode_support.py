@@ -1,0 +1,210 @@
+"""A real multi-node Ray cluster on 127.0.0.1 for the cluster tests (no tests here).
+
+Every node is its own `ray start` (a head and N worker nodes), exactly as on a real cluster, only
+all on loopback. Each node's processes carry two environment markers, inherited by everything the
+node starts (raylet, agents, Ray workers, the job driver):
+
+  DIP_TEST_CLUSTER=<id>   every process of this cluster: teardown SIGKILLs them all
+  DIP_TEST_NODE=<name>    the processes of one node: "losing a node" SIGKILLs exactly those
+
+so tests never touch a Ray process they did not start (no `ray stop`, which would stop everyone's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+WORKER_RESOURCE = "dip_test_worker"  # a custom resource only the worker nodes have
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def processes_with(marker: str, value: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        if _environ(proc.pid).get(marker) == value:
+            found.append(proc)
+    return found
+
+
+def sigkill(processes: list[psutil.Process]) -> int:
+    killed = 0
+    for proc in processes:
+        try:
+            proc.send_signal(signal.SIGKILL)
+            killed += 1
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
+    return killed
+
+
+@dataclass
+class LocalCluster:
+    """Head (no CPUs: it runs the job driver and Ray's control plane) + worker nodes (1 CPU each)."""
+    root: str
+    object_store_bytes: int = 80 * 1024 * 1024
+    cluster_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    # Ray 2.60 token auth, explicit on every node (worker nodes do not turn it on by themselves) and
+    # private to this cluster (the home directory's ~/.ray/auth_token is never read)
+    auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
+    nodes: list[str] = field(default_factory=list)
+    wrappers: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client of this cluster (`dip submit`, the ray CLI) needs in its environment."""
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.auth_token}
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def _env(self, node: str) -> dict[str, str]:
+        env = dict(os.environ, DIP_TEST_CLUSTER=self.cluster_id, DIP_TEST_NODE=node, RAY_USAGE_STATS_ENABLED="0",
+                   PATH=f"{BIN}:{os.environ.get('PATH', '')}", PYTHONPATH=REPO, **self.client_env, **self.extra_env)
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def _ray_start(self, node: str, args: list[str]) -> None:
+        common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={self.object_store_bytes}",
+                  f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+        log = open(os.path.join(self.root, f"ray-start-{node}.log"), "w")
+        out = subprocess.run([os.path.join(BIN, "ray"), "start", *args, *common], env=self._env(node), cwd=self.root,
+                             stdout=log, stderr=subprocess.STDOUT, timeout=180)
+        log.close()
+        if out.returncode != 0:
+            raise RuntimeError(f"ray start for {node} failed: {open(log.name).read()[-3000:]}")
+        self.nodes.append(node)
+
+    def start_head(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        self._ray_start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={self.dashboard_port}",
+                                 f"--temp-dir={os.path.join(self.root, 'ray')}"])
+        self.wait_for_job_server()
+
+    def _worker_args(self, num_cpus: int) -> list[str]:
+        return [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}",
+                f"--resources={json.dumps({WORKER_RESOURCE: num_cpus})}"]
+
+    def add_worker(self, node: str, num_cpus: int = 1) -> None:
+        self._ray_start(node, [*self._worker_args(num_cpus), f"--node-name={node}"])
+
+    def add_worker_with_wrapper(self, node: str, grace_s: int, num_cpus: int = 1) -> subprocess.Popen:
+        """A worker node run by cluster/manifests/ray-node.sh, as the Slurm and Kubernetes manifests do."""
+        script = os.path.join(REPO, "cluster", "manifests", "ray-node.sh")
+        env = dict(self._env(node), DIP_NODE_NAME=node, DIP_PREEMPT_GRACE_S=str(grace_s),
+                   RAY_BIN=os.path.join(BIN, "ray"), PYTHON_BIN=sys.executable)
+        log = open(os.path.join(self.root, f"ray-node-{node}.log"), "w")
+        proc = subprocess.Popen(["bash", script, *self._worker_args(num_cpus), "--node-ip-address=127.0.0.1",
+                                 f"--object-store-memory={self.object_store_bytes}",
+                                 f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
+                                env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
+        self.nodes.append(node)
+        self.wrappers[node] = proc
+        return proc
+
+    def wait_for_job_server(self, timeout_s: float = 120.0) -> None:
+        from cluster.submit import connect  # the client `dip` uses, with Ray's auth token
+
+        saved = {k: os.environ.get(k) for k in self.client_env}
+        os.environ.update(self.client_env)  # connect() reads the token from the environment
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    connect(self.address).list_jobs()
+                    return
+                except Exception as err:  # not up yet: connection refused, 5xx while the modules load
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the job server at {self.address} did not come up in {timeout_s} s: {err}")
+                time.sleep(0.5)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def alive_worker_nodes(self) -> int:
+        """Worker nodes the GCS counts as alive (asked through a short-lived ray.init-free CLI call)."""
+        out = subprocess.run([os.path.join(BIN, "ray"), "list", "nodes", f"--address={self.gcs_address}",
+                              "--format=json", "--filter", "state=ALIVE"],
+                             env=self._env("cli"), capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            return -1
+        nodes = json.loads(out.stdout)
+        return sum(1 for n in nodes if not n.get("is_head_node"))
+
+    def wait_for_workers(self, count: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.alive_worker_nodes() == count:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(f"expected {count} alive worker nodes, have {self.alive_worker_nodes()}")
+
+    def node_processes(self, node: str) -> list[psutil.Process]:
+        return [p for p in processes_with("DIP_TEST_CLUSTER", self.cluster_id) if _environ(p.pid).get("DIP_TEST_NODE") == node]
+
+    def kill_node(self, node: str) -> int:
+        """A node dies: SIGKILL its raylet, agents and Ray workers at once."""
+        return sigkill(self.node_processes(node))
+
+    def teardown(self) -> None:
+        for _ in range(3):  # a dying raylet may still fork a worker: sweep until nothing is left
+            procs = processes_with("DIP_TEST_CLUSTER", self.cluster_id)
+            if not procs:
+                break
+            sigkill(procs)
+        try:
+            from streaming.base.util import clean_stale_shared_memory
+
+            clean_stale_shared_memory()
+        except Exception as err:  # only /dev/shm hygiene; never hide a test failure behind it
+            print(f"note: streaming shared-memory cleanup failed: {err}", file=sys.stderr)
+
+
+def run_dip(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dip ...` as a user runs it: a separate process."""
+    full_env = dict(os.environ, PYTHONPATH=REPO, **(env or {}))
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
