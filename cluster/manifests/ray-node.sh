@@ -2,6 +2,8 @@
 # Run one Ray node in the foreground and turn SIGTERM into a graceful preemption.
 #
 #   ray-node.sh [ray start arguments...]        e.g. ray-node.sh --address=HEAD:6379 --num-gpus=8
+#   ray-node.sh --drain-only                     steps 1-2 only, for a Kubernetes preStop hook (the node
+#                                                is found by DIP_NODE_NAME, else by this pod's IP)
 #
 # Kubernetes (pod deletion, spot reclaim) and Slurm (preemption, `--signal=TERM@120` before the time
 # limit) announce the end of a node with SIGTERM. A bare `ray start --block` would just die, and the
@@ -26,38 +28,57 @@ PYTHON="${PYTHON_BIN:-python}"
 
 log() { echo "ray-node.sh[$NODE_NAME]: $*" >&2; }
 
-# The GCS address this node joined, from --address=HOST:PORT (worker nodes) or --port (head).
-GCS_ADDRESS=""
+# The GCS address this node joined: --address=HOST:PORT, else $DIP_GCS_ADDRESS, else KubeRay's head service.
+GCS_ADDRESS="${DIP_GCS_ADDRESS:-}"
 for arg in "$@"; do
   case "$arg" in
     --address=*) GCS_ADDRESS="${arg#--address=}" ;;
   esac
 done
-
-"$RAY" start --block --node-name="$NODE_NAME" "$@" &
-RAY_PID=$!
+if [ -z "$GCS_ADDRESS" ] && [ -n "${FQ_RAY_IP:-}" ]; then
+  GCS_ADDRESS="$FQ_RAY_IP:6379"
+fi
 
 this_node_id() {
-  "$RAY" list nodes --address="$GCS_ADDRESS" --format=json --filter "node_name=$NODE_NAME" --filter "state=ALIVE" \
+  local filter="node_name=$NODE_NAME"
+  if [ -z "${DIP_NODE_NAME:-}" ] && [ "$DRAIN_ONLY" = 1 ]; then
+    filter="node_ip=$(hostname -i | awk '{print $1}')"   # one Ray node per pod: its IP names it
+  fi
+  "$RAY" list nodes --address="$GCS_ADDRESS" --format=json --filter "$filter" --filter "state=ALIVE" \
     | "$PYTHON" -c 'import json, sys; nodes = json.load(sys.stdin); print(nodes[0]["node_id"] if nodes else "")'
 }
 
-on_term() {
-  trap - TERM INT
-  log "SIGTERM: draining this node for preemption (deadline ${GRACE_S}s)"
+drain_and_wait() {
+  log "draining this node for preemption (deadline ${GRACE_S}s)"
   local node_id=""
   if [ -n "$GCS_ADDRESS" ]; then
     node_id="$(this_node_id || true)"
   fi
-  if [ -n "$node_id" ]; then
-    "$RAY" drain-node --address="$GCS_ADDRESS" --node-id="$node_id" --reason=DRAIN_NODE_REASON_PREEMPTION \
-      --reason-message="SIGTERM to ray-node.sh on $NODE_NAME" --deadline-remaining-seconds="$GRACE_S" \
-      || log "drain request failed; stopping without a final checkpoint"
-    sleep "$GRACE_S" &
-    wait $! || true
-  else
-    log "cannot find this node's id (head node, or not joined yet): stopping now"
+  if [ -z "$node_id" ]; then
+    log "cannot find this node's id (head node, or not joined yet): no final checkpoint"
+    return 0
   fi
+  "$RAY" drain-node --address="$GCS_ADDRESS" --node-id="$node_id" --reason=DRAIN_NODE_REASON_PREEMPTION \
+    --reason-message="SIGTERM to ray-node.sh on $NODE_NAME" --deadline-remaining-seconds="$GRACE_S" \
+    || { log "drain request failed: no final checkpoint"; return 0; }
+  sleep "$GRACE_S" &
+  wait $! || true
+}
+
+DRAIN_ONLY=0
+if [ "${1:-}" = "--drain-only" ]; then
+  DRAIN_ONLY=1
+  drain_and_wait
+  exit 0
+fi
+
+"$RAY" start --block --node-name="$NODE_NAME" "$@" &
+RAY_PID=$!
+
+on_term() {
+  trap - TERM INT
+  log "SIGTERM"
+  drain_and_wait
   log "stopping this node"
   kill -TERM "$RAY_PID" 2>/dev/null || true
   wait "$RAY_PID" || true
