@@ -19,7 +19,8 @@ log = logging.getLogger("dip.launch")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Environment every worker gets from the driver (when set here).
 FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "OMP_NUM_THREADS")
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @dataclass
