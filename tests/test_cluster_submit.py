@@ -109,6 +109,7 @@ def test_an_unreachable_cluster_is_reported_before_anything_is_submitted(tmp_pat
     assert dip(["submit", QUICKSTART, f"output_dir={tmp_path}", "model.name=DiP-XXL/16", "--address", address]) == 2
     assert "model.name='DiP-XXL/16'" in capsys.readouterr().err
     assert dip(["jobs", "list", "--address", address]) == 2
+    assert "dip jobs: error: cannot reach the Ray job server" in capsys.readouterr().err
     assert dip(["jobs", "status", "dip-x", "--address", "not-a-url"]) == 2
     assert "not a job server URL" in capsys.readouterr().err
 

@@ -16,8 +16,10 @@ import os
 import secrets
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -81,6 +83,8 @@ class LocalCluster:
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
     nodes: list[str] = field(default_factory=list)
     wrappers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # Ray's sockets live under its temp dir and AF_UNIX paths are limited to 107 bytes: keep it short
+    ray_temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dipray-", dir="/tmp"))
 
     @property
     def address(self) -> str:
@@ -117,7 +121,7 @@ class LocalCluster:
         self._ray_start("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
                                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={self.dashboard_port}",
-                                 f"--temp-dir={os.path.join(self.root, 'ray')}"])
+                                 f"--temp-dir={self.ray_temp_dir}"])
         self.wait_for_job_server()
 
     def _worker_args(self, num_cpus: int) -> list[str]:
@@ -194,12 +198,12 @@ class LocalCluster:
             if not procs:
                 break
             sigkill(procs)
-        try:
-            from streaming.base.util import clean_stale_shared_memory
+        # streaming segments of our killed ranks, only those no live process maps (never
+        # streaming's clean_stale_shared_memory(): it unlinks every run's segments on the machine)
+        from data.shm import clean_stale_streaming_state
 
-            clean_stale_shared_memory()
-        except Exception as err:  # only /dev/shm hygiene; never hide a test failure behind it
-            print(f"note: streaming shared-memory cleanup failed: {err}", file=sys.stderr)
+        clean_stale_streaming_state()
+        shutil.rmtree(self.ray_temp_dir, ignore_errors=True)
 
 
 def run_dip(args: list[str], env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
