@@ -249,12 +249,14 @@ def bench_fid_curve(train_steps: int, eval_every: int, eval_samples: int, eval_s
 
     cores = sorted(os.sched_getaffinity(0))
     train_cores, eval_cores = (cores[: len(cores) // 2], cores[len(cores) // 2:]) if len(cores) > 1 else (cores, cores)
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     res, classes = QUICKSTART["resolution"], QUICKSTART["num_classes"]
     # Held-out synthetic images (indices from 100000 on) are the reference; training uses 0..1999.
     reference_path = out_dir / "ref.npz"
-    build_reference(DatasetRequest("synthetic", num_samples=500, image_size=res, num_classes=classes, start=100_000),
-                    reference_path)
+    if not reference_path.is_file():  # kept between runs: it is a pure function of these arguments
+        request = DatasetRequest("synthetic", num_samples=500, image_size=res, num_classes=classes, start=100_000)
+        build_reference(request, reference_path)
     images, labels = reference_images(2000, res, classes)
     data = images.float() / 127.5 - 1.0                                      # (2000, 3, 32, 32) in [-1, 1]
     os.sched_setaffinity(0, train_cores)
