@@ -102,7 +102,9 @@ class LocalCluster:
     def _env(self, node: str) -> dict[str, str]:
         env = dict(os.environ, DIP_TEST_CLUSTER=self.cluster_id, DIP_TEST_NODE=node, RAY_USAGE_STATS_ENABLED="0",
                    PATH=f"{BIN}:{os.environ.get('PATH', '')}", PYTHONPATH=REPO, **self.client_env, **self.extra_env)
-        env.pop("RAY_ADDRESS", None)
+        # Ray-internal helpers (Ray Train's placement-group cleaner) look the cluster up through
+        # RAY_ADDRESS or, without it, by scanning this machine, which fails when another Ray runs here
+        env["RAY_ADDRESS"] = self.gcs_address
         return env
 
     def _ray_start(self, node: str, args: list[str]) -> None:
