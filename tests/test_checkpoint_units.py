@@ -1,0 +1,108 @@
+"""Pure pieces of checkpointing: RNG capture, host snapshots, fault notes, the train-state format."""
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import ema_file_payload, to_host
+from trainer.rng import capture_rng, restore_rng
+
+
+def test_rng_state_round_trips_through_a_weights_only_file():
+    generator = torch.Generator().manual_seed(123)
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.randn(5, generator=generator)
+    buffer = io.BytesIO()
+    torch.save(capture_rng(generator), buffer)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=generator).item())
+
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    other = torch.Generator().manual_seed(99)
+    buffer.seek(0)
+    restore_rng(torch.load(buffer, weights_only=True), other)
+    got = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=other).item())
+    assert got == expected
+
+
+def test_to_host_copies_so_training_can_mutate_the_originals():
+    weight = torch.ones(3)
+    state = {"module": {"w": weight}, "list": [weight], "tuple": (weight, 7), "name": "x"}
+    snap = to_host(state)
+    weight.add_(1)  # the optimizer steps on after the snapshot
+    assert torch.equal(snap["module"]["w"], torch.ones(3))
+    assert torch.equal(snap["list"][0], torch.ones(3)) and snap["tuple"][1] == 7 and snap["name"] == "x"
+    assert snap["module"]["w"].data_ptr() != weight.data_ptr()
+
+
+def test_ema_file_is_what_sampling_loads():
+    from models.registry import dip_config
+
+    config = dip_config("DiP-T/16", num_classes=4)
+    payload = ema_file_payload(config, {"w": torch.zeros(2)})
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded["model_config"]["num_classes"] == 4 and loaded["model_config"]["patch_size"] == 16
+    assert torch.equal(loaded["state_dict"]["w"], torch.zeros(2))
+
+
+def test_faults_fire_once_per_run(tmp_path, monkeypatch):
+    from trainer import faults
+
+    monkeypatch.setenv("DIP_FAULT_DIR", str(tmp_path))
+    assert faults._fire_once("x") is True
+    assert faults._fire_once("x") is False  # a restarted worker group runs clean
+    monkeypatch.setenv("DIP_FAULT_KILL_AT", "5:1")
+    faults.after_step(5, 0)  # another rank: nothing happens
+    faults.after_step(4, 1)  # another step: nothing happens
+    assert not (tmp_path / "fired-kill-at-5-1").exists()
+    assert faults.forwarded_env() == {"DIP_FAULT_DIR": str(tmp_path), "DIP_FAULT_KILL_AT": "5:1"}
+
+
+def test_interval_meter_reports_throughput_and_data_wait_share():
+    from trainer.step_metrics import IntervalMeter
+
+    meter = IntervalMeter()
+    meter.started -= 2.0  # two seconds ago
+    meter.add(data_wait_s=0.5)
+    meter.add(data_wait_s=0.5)
+    figures = meter.figures(images_per_step=16, flops_per_img=None, peak_flops=None, world_size=2)
+    assert figures["images_per_s"] == pytest.approx(16, rel=0.05)
+    assert figures["data_wait_share"] == pytest.approx(0.5, rel=0.05)
+    assert figures["step_time_s"] == pytest.approx(1.0, rel=0.05)
+    assert "mfu" not in figures  # no FLOP count yet: no MFU, never a made-up one
+    with_mfu = meter.figures(images_per_step=16, flops_per_img=1e9, peak_flops=1e12, world_size=2)
+    assert with_mfu["mfu"] == pytest.approx(16 * 1e9 / 2e12, rel=0.05)
+
+
+def test_deepspeed_config_follows_the_run_config():
+    from trainer.config import config_from_dict
+    from trainer.engine import deepspeed_config
+
+    cfg = config_from_dict({}, ["data.batch_size=8", "train.grad_accum=4", "train.zero_stage=3",
+                                "train.precision=bf16", "optim.grad_clip=1.0"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 8 * 4 * 2 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 4 and ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
+
+
+def test_warmup_then_constant_learning_rate():
+    from trainer.config import config_from_dict
+    from trainer.engine import build_optimizer
+
+    cfg = config_from_dict({}, ["optim.lr=1e-3", "optim.warmup_steps=4"])
+    optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg)
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
