@@ -25,8 +25,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: int, steps: int, warmup: int) -> float:
-    """Median seconds per step of a plain one-process loop: the floor the trainer is measured against."""
+def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: int, steps: int,
+                   warmup: int) -> tuple[float, float]:
+    """(median wall s, mean CPU s) per step of a plain one-process loop: the floor the trainer is measured against."""
     import torch
 
     from models.ema import EMA
@@ -44,6 +45,8 @@ def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: in
     labels = torch.randint(0, num_classes, (batch,))
     times = []
     for i in range(warmup + steps):
+        if i == warmup:
+            cpu_start = time.process_time()
         start = time.perf_counter()
         loss, _ = objective.loss(model, pixels, labels, generator=generator)
         loss.backward()
@@ -52,7 +55,7 @@ def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: in
         ema.update(model)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), (time.process_time() - cpu_start) / steps
 
 
 def trainer_run(root: str, name: str, overrides: list[str]):
@@ -100,13 +103,18 @@ def main() -> int:
         # 1. steady state: no checkpoint inside the measured intervals (the only save is after the last step)
         run = trainer_run(root, "steady", common + [f"train.max_steps={args.steps}"])
         intervals = history(run, "step_time_s")[1:]  # the first interval holds start-up and JIT warm-up
+        cpu_intervals = history(run, "cpu_s_per_step")[1:]
         trainer_s = statistics.median(v for _, v in intervals)
-        bare_s = bare_step_time("DiP-T/16", 10, args.batch, args.resolution, steps=30, warmup=5)
-        figures.update(trainer_step_s=trainer_s, bare_step_s=bare_s, overhead=trainer_s / bare_s - 1,
-                       trainer_intervals=[round(v, 4) for _, v in intervals])
-        print(f"steady-state step: trainer {trainer_s * 1000:.0f} ms (2 workers x ZeRO-2, median of "
+        trainer_cpu = statistics.median(v for _, v in cpu_intervals)
+        bare_s, bare_cpu = bare_step_time("DiP-T/16", 10, args.batch, args.resolution, steps=30, warmup=5)
+        figures.update(trainer_step_s=trainer_s, bare_step_s=bare_s, overhead_wall=trainer_s / bare_s - 1,
+                       trainer_cpu_s_per_step=trainer_cpu, bare_cpu_s_per_step=bare_cpu,
+                       overhead_cpu=trainer_cpu / bare_cpu - 1, trainer_intervals=[round(v, 4) for _, v in intervals])
+        print(f"steady-state step, wall: trainer {trainer_s * 1000:.0f} ms (2 workers x ZeRO-2, median of "
               f"{len(intervals)} intervals) vs bare loop {bare_s * 1000:.0f} ms -> overhead "
               f"{100 * (trainer_s / bare_s - 1):+.1f}%")
+        print(f"steady-state step, CPU time of one process: trainer rank 0 {trainer_cpu * 1000:.0f} ms vs bare loop "
+              f"{bare_cpu * 1000:.0f} ms -> overhead {100 * (trainer_cpu / bare_cpu - 1):+.1f}%")
         # 2. checkpoint blocking: the same run, a save every 10 steps, written inline vs in the background
         for mode in ("sync", "async"):
             steps = 10 * args.saves

@@ -35,6 +35,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if ray.is_initialized():  # another module's cluster is still up: use it, leave it to its owner
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1",
              log_to_driver=True)
     yield

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -242,6 +243,11 @@ class Checkpointer:
         pruned = self.store.prune(self.keep)
         log.info("checkpoint committed: %s%s", self.store.display(request.step),
                  f" (pruned {', '.join(step_name(s) for s in pruned)})" if pruned else "")
+
+    def close(self) -> None:
+        """Finish the write in flight and remove the staging directory."""
+        self.wait()
+        shutil.rmtree(self.staging_dir, ignore_errors=True)
 
     def wait(self) -> None:
         """Finish the write in flight; a failed background write is raised here, in the training thread."""

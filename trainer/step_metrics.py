@@ -26,8 +26,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class IntervalMeter:
-    """Wall time split into waiting for data and the rest, since the last log line."""
+    """Wall time split into waiting for data and the rest, since the last log line; plus this
+    process's CPU time (all its threads), which stays meaningful on an oversubscribed machine."""
     started: float = field(default_factory=time.perf_counter)
+    cpu_started: float = field(default_factory=time.process_time)
     data_wait_s: float = 0.0
     steps: int = 0
 
@@ -40,12 +42,14 @@ class IntervalMeter:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         images_per_s = images_per_step * self.steps / elapsed
         out = {"images_per_s": images_per_s, "data_wait_share": self.data_wait_s / elapsed,
-               "step_time_s": elapsed / max(self.steps, 1)}
+               "step_time_s": elapsed / max(self.steps, 1),
+               "cpu_s_per_step": (time.process_time() - self.cpu_started) / max(self.steps, 1)}
         if flops_per_img is not None and peak_flops:
             out["mfu"] = images_per_s * flops_per_img / (peak_flops * world_size)
         return out
 
     def reset(self) -> None:
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
         self.data_wait_s = 0.0
         self.steps = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,7 +125,7 @@ class TrainingRun:
 
     def _restore(self, step: int) -> None:
         state = load_train_state(self.store, step)
-        cache = tempfile.mkdtemp(prefix=f"dip-resume-r{self.rank}-")
+        cache = "" if self.store.is_local else tempfile.mkdtemp(prefix=f"dip-resume-r{self.rank}-")
         local_step_dir = self.store.local_dir(step, cache)
         saved_world = int(state["world_size"])
         if saved_world != self.world_size and self.cfg.train.zero_stage != 0:
@@ -132,6 +133,8 @@ class TrainingRun:
                              f"ZeRO-{self.cfg.train.zero_stage}; its optimizer shards need {saved_world} workers "
                              f"(set cluster.num_workers={saved_world}). Only ZeRO-0 resumes on another world size.")
         load_engine(self.engine, local_step_dir)
+        if not self.store.is_local:  # a downloaded copy: the engine holds what it needs now
+            shutil.rmtree(cache, ignore_errors=True)
         # the data state is the same on every rank; another world size re-partitions the epoch's rest
         ranks = state["ranks"]
         mine = ranks[self.rank] if saved_world == self.world_size else ranks[0]
@@ -287,7 +290,7 @@ class TrainingRun:
                 break
         if self.last_saved_step != self.step:
             self.save_checkpoint()
-        self.checkpointer.wait()
+        self.checkpointer.close()
         dist.barrier()  # rank 0 has committed the last checkpoint before anyone reports done
         if bar is not None:
             bar.close()
