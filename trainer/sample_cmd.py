@@ -16,7 +16,7 @@ def _labels(text: str) -> list[int]:
     return labels
 
 
-def _interval(text: str) -> tuple[float, float]:
+def parse_interval(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(part) for part in text.split(","))
     except ValueError:
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (paper: 2.9)")
-    p.add_argument("--interval", type=_interval, default=(0.0, 1.0), help="guidance interval LO,HI (paper: 0.11,0.97)")
+    p.add_argument("--interval", type=parse_interval, default=(0.0, 1.0), help="guidance interval LO,HI (paper: 0.11,0.97)")
     p.add_argument("--timeshift", type=float, default=1.0)
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 16 patches a side)")
     p.add_argument("--num-classes", type=int, default=10, help="classes of an --init-model")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from trainer.sample_cmd import parse_interval
+
 IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the Inception Score is not computed"
 
 
@@ -42,7 +44,7 @@ def register(subparsers) -> None:
     run.add_argument("--steps", type=int, default=100)
     run.add_argument("--method", default="euler", choices=("euler", "heun"))
     run.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
-    run.add_argument("--interval", type=_interval, default=(0.0, 1.0), help="guidance interval LO,HI")
+    run.add_argument("--interval", type=parse_interval, default=(0.0, 1.0), help="guidance interval LO,HI")
     run.add_argument("--timeshift", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--image-size", type=int, default=256)
@@ -76,14 +78,6 @@ def _device(name: str) -> str:
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"--device {name!r}: choose cpu, cuda, cuda:N or auto")
     return name
-
-
-def _interval(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--interval {text!r}: expected LO,HI (e.g. 0.11,0.97)") from None
-    return lo, hi
 
 
 def _progress(total: int, desc: str):
