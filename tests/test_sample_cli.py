@@ -55,3 +55,20 @@ def test_sample_cli_reports_bad_input_in_one_line(tmp_path):
     assert junk.returncode == 2 and "cannot read checkpoint" in junk.stderr and "Traceback" not in junk.stderr
     bad_label = run("--init-model", "DiP-T/16", "--num-classes", "3", "--labels", "9", "--resolution", "16")
     assert bad_label.returncode == 2 and "outside 0..3" in bad_label.stderr
+
+
+def test_checkpoint_root_resolves_to_the_newest_committed_step(tmp_path):
+    from trainer.checkpoint_store import MARKER
+
+    torch.manual_seed(0)
+    model = DiP(dip_config("DiP-T/16", num_classes=4))
+    for step, committed in ((100, True), (200, True), (300, False)):  # step-300: an interrupted write
+        step_dir = tmp_path / f"step-{step}"
+        step_dir.mkdir()
+        torch.save({"model_config": dataclasses.asdict(model.config),
+                    "state_dict": {k: v + step for k, v in model.state_dict().items()}}, step_dir / "ema.pt")
+        if committed:
+            (step_dir / MARKER).write_text("ok")
+    loaded = load_sampling_model(str(tmp_path))
+    key = "s_embedder.proj.bias"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key] + 200)

@@ -58,9 +58,9 @@ def resolve_checkpoint_path(path: str) -> str:
         return path
     if os.path.isfile(os.path.join(path, EMA_FILE)):
         return os.path.join(path, EMA_FILE)
-    from trainer.checkpoint import COMMIT_MARKER  # the trainer decides what "committed" means
+    from trainer.checkpoint_store import MARKER  # the trainer decides what "committed" means
 
-    steps = committed_steps(path, COMMIT_MARKER)
+    steps = committed_steps(path, MARKER)
     if not steps:
         raise FileNotFoundError(f"{path!r} holds no committed step-N/ checkpoint with {EMA_FILE}")
     return os.path.join(steps[-1], EMA_FILE)
