@@ -207,8 +207,10 @@ def test_sigterm_preempts_a_node_on_object_storage_with_a_final_checkpoint(clust
     _upload_dir(client, shards[0], "dip-data", "synthetic-16")
 
     # exactly two worker nodes, one of them under ray-node.sh (the Slurm / Kubernetes node wrapper)
-    cluster.kill_node("w3")
-    wrapper = cluster.add_worker_with_wrapper("w4", grace_s=15)
+    for node in cluster.plain_worker_nodes()[1:]:
+        cluster.kill_node(node)
+    # the drain window must cover a checkpoint write to S3 on a loaded 2-core machine
+    wrapper = cluster.add_worker_with_wrapper("w4", grace_s=60)
     cluster.wait_for_workers(2)
 
     job_id = _submit(cluster, "preempted", str(tmp_path / "runs"),

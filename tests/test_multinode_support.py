@@ -192,7 +192,13 @@ class LocalCluster:
 
     def kill_node(self, node: str) -> int:
         """A node dies: SIGKILL its raylet, agents and Ray workers at once."""
+        if node in self.nodes:
+            self.nodes.remove(node)
         return sigkill(self.node_processes(node))
+
+    def plain_worker_nodes(self) -> list[str]:
+        """Worker nodes started with `ray start` (not through ray-node.sh) and not killed."""
+        return [n for n in self.nodes if n != "head" and n not in self.wrappers]
 
     def teardown(self) -> None:
         for _ in range(3):  # a dying raylet may still fork a worker: sweep until nothing is left
