@@ -32,8 +32,10 @@ def test_rng_state_round_trips_through_a_weights_only_file():
 
 def test_to_host_copies_so_training_can_mutate_the_originals():
     weight = torch.ones(3)
-    state = {"module": {"w": weight}, "list": [weight], "tuple": (weight, 7), "name": "x"}
+    state = {"module": {"w": weight}, "list": [weight], "tuple": (weight, 7), "name": "x",
+             "shapes": [{"w": torch.Size([3])}]}
     snap = to_host(state)
+    assert type(snap["shapes"][0]["w"]) is torch.Size  # ZeRO-3 consolidation calls .numel() on these
     weight.add_(1)  # the optimizer steps on after the snapshot
     assert torch.equal(snap["module"]["w"], torch.ones(3))
     assert torch.equal(snap["list"][0], torch.ones(3)) and snap["tuple"][1] == 7 and snap["name"] == "x"

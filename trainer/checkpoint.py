@@ -42,8 +42,11 @@ def to_host(obj: Any) -> Any:
         return collections.OrderedDict(copied) if isinstance(obj, collections.OrderedDict) else copied
     if isinstance(obj, list):
         return [to_host(v) for v in obj]
+    if isinstance(obj, torch.Size):  # ZeRO-3's param shapes: zero_to_fp32 needs Size, not tuple
+        return obj
     if isinstance(obj, tuple):
-        return tuple(to_host(v) for v in obj)
+        items = [to_host(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)  # namedtuples keep their type
     return copy.deepcopy(obj)
 
 
