@@ -194,7 +194,9 @@ def new_submission_id(run_name: str) -> str:
 def auth_headers() -> dict[str, str]:
     """Ray's token authentication (on by default since Ray 2.5x): the cluster's token, from
     $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (where `ray start` and
-    `ray get-auth-token` keep it). Sent as X-Ray-Authorization, the header meant to pass proxies."""
+    `ray get-auth-token` keep it). Sent as the standard Authorization header: the job server reads
+    that one first, and with it present Ray's client does not add the token it cached for this
+    process (which, after any earlier ray.init here, may belong to another cluster)."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
@@ -203,7 +205,7 @@ def auth_headers() -> dict[str, str]:
         if os.path.isfile(path):
             with open(path) as handle:
                 token = handle.read().strip()
-    return {"X-Ray-Authorization": f"Bearer {token}"} if token else {}
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def connect(address: str):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -125,14 +127,31 @@ def test_dry_run_prints_the_job_without_a_cluster(tmp_path, capsys):
 def test_auth_token_comes_from_the_environment_or_the_token_file(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    assert sub.auth_headers() == {"X-Ray-Authorization": "Bearer abc"}
+    assert sub.auth_headers() == {"Authorization": "Bearer abc"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     token_file = tmp_path / "token"
     token_file.write_text("def\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    assert sub.auth_headers() == {"X-Ray-Authorization": "Bearer def"}
+    assert sub.auth_headers() == {"Authorization": "Bearer def"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert sub.auth_headers() == {}
+
+
+def test_our_token_wins_over_the_one_ray_cached_for_this_process(tmp_path):
+    """CI regression: after a ray.init in the same process, Ray's client added the token it had
+    cached (another cluster's) as Authorization, which the job server reads before anything else.
+    Checked in a fresh process: Ray reads the auth mode once, at import."""
+    probe = (
+        "from cluster import submit\n"
+        "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled\n"
+        "ray_would_add = get_auth_headers_if_auth_enabled(submit.auth_headers())\n"
+        "ray_alone = get_auth_headers_if_auth_enabled({})\n"
+        "assert ray_alone, 'token auth is not on in the probe: the check below would prove nothing'\n"
+        "assert ray_would_add == {}, ray_would_add\n"
+    )
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="ours", HOME=str(tmp_path), PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_mlflow_link_for_a_head_node_store_says_how_to_open_it():
