@@ -80,10 +80,21 @@ def build_optimizer(module: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Op
     return optimizer, scheduler
 
 
+def skip_shared_memory_inference_op() -> None:
+    """DeepSpeed's comm backend JIT-compiles a C++ shared-memory op when it comes up on CPU (1 to 6
+    minutes of g++ in every fresh environment, and again whenever two kinds of process build it with
+    different flags). Only its tensor-parallel *inference* all-reduce uses it; training never does,
+    so we mark it unavailable and the backend comes up on gloo alone, in seconds."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(cfg: TrainConfig, module: DiffusionObjective, world_size: int):
     """deepspeed.initialize on an already-initialised process group (Ray Train sets it up)."""
     import deepspeed
 
+    skip_shared_memory_inference_op()
     optimizer, scheduler = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size), dist_init_required=False)
