@@ -1,6 +1,8 @@
 """Pure-logic tests of the data layer: config validation, ADM crop, pixels, synthetic set, wds plans."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -185,6 +187,10 @@ def test_epoch_stream_is_a_seeded_permutation_of_records():
     assert plain == [(0, 1), (1, 0)]
 
 
+def _chw(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(pixels))
+
+
 def test_npy_records_roundtrip_without_a_codec():
     from data.records import decode_record, to_pm1
     from data.transforms import encode_image
@@ -193,13 +199,20 @@ def test_npy_records_roundtrip_without_a_codec():
     image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB")
     data, ext = encode_image(image, "npy")
     assert ext == "npy"
-    torch.testing.assert_close(to_pm1(decode_record(data, "k", 16, hflip=False, seed=0, epoch=0)),
+    torch.testing.assert_close(to_pm1(_chw(decode_record(data, "k", 16, hflip=False, seed=0, epoch=0))),
                                to_tensor_pm1(image))
     flipped = [k for k in "abcdefgh" if flip_decision(0, 0, k)][0]
-    torch.testing.assert_close(to_pm1(decode_record(data, flipped, 16, hflip=True, seed=0, epoch=0)),
+    torch.testing.assert_close(to_pm1(_chw(decode_record(data, flipped, 16, hflip=True, seed=0, epoch=0))),
                                to_tensor_pm1(image, hflip=True))
     # stored larger than asked: goes through the ADM crop like any image
-    torch.testing.assert_close(to_pm1(decode_record(data, "k", 8, hflip=False, seed=0, epoch=0)),
+    torch.testing.assert_close(to_pm1(_chw(decode_record(data, "k", 8, hflip=False, seed=0, epoch=0))),
                                to_tensor_pm1(adm_center_crop(image, 8)))
     with pytest.raises(CorruptImageError):
         decode_record(data[:40], "k", 16, hflip=False, seed=0, epoch=0)
+    with pytest.raises(CorruptImageError):  # a known header (cached above), its pixels cut short
+        decode_record(data[:-5], "k", 16, hflip=False, seed=0, epoch=0)
+    # shards written before the (3, H, W) layout hold (H, W, 3) arrays: they read the same
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(image), allow_pickle=False)
+    torch.testing.assert_close(to_pm1(_chw(decode_record(buffer.getvalue(), "k", 16, hflip=False, seed=0, epoch=0))),
+                               to_tensor_pm1(image))

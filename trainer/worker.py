@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data.records import to_pm1
 from trainer import faults
 from trainer.checkpoint import (Checkpointer, RankState, ema_file_payload, load_ema_file, load_engine,
                                 load_train_state)
@@ -168,7 +169,8 @@ class TrainingRun:
             t0 = time.perf_counter()
             pixels, labels, _keys = next(self.loader)
             data_wait += time.perf_counter() - t0
-            pixels = pixels.to(self.device, dtype=self.input_dtype, non_blocking=True)  # (B, 3, N, N)
+            pixels = pixels.to(self.device, non_blocking=True)  # uint8 (B, 3, N, N): a quarter of the bytes
+            pixels = to_pm1(pixels).to(self.input_dtype)  # [-1, 1], scaled on the device
             labels = labels.to(self.device, non_blocking=True)                           # (B,)
             loss, _parts = self.engine(pixels, labels, self.generator)
             self.engine.backward(loss)

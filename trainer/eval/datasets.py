@@ -210,8 +210,6 @@ class _shards:
         self.num_classes = int(self.manifest.get("num_classes") or 0) or request.num_classes
 
     def __iter__(self):
-        import torch
-
         from data import build_dataloader
         from data.config import DataConfig
 
@@ -223,10 +221,10 @@ class _shards:
         try:
             first_epoch, seen = loader.epoch, 0
             while seen < loader.num_samples:  # the loader is endless: stop after one pass
-                pixels, labels, _keys = next(loader)  # (B, 3, N, N) in [-1, 1] = uint8 / 127.5 - 1
+                pixels, labels, _keys = next(loader)  # uint8 (B, 3, N, N)
                 if loader.epoch != first_epoch:
                     break
-                images = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+                images = pixels.permute(0, 2, 3, 1)  # (B, N, N, 3)
                 for image, label in zip(images.numpy(), labels.tolist()):
                     yield image, label
                 seen += len(labels)
