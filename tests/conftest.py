@@ -11,3 +11,27 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(tmp_path_factory):
+    """The uninterrupted ZeRO-2 run of TINY, computed once per session and shared by every test that
+    compares against it (the trainer kill tests and the multi-node tests): a run of this config that
+    is killed and resumed, on any cluster layout, must end bit-identical to it. Uses the module's
+    Ray cluster when one is up, else its own, shut down again before the caller starts another."""
+    import ray
+
+    from cluster.launch import launch
+    from tests.test_trainer_support import tiny_config
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
+    try:
+        result = launch(tiny_config(tmp_path_factory.mktemp("reference-zero2"), "ref2", ["train.zero_stage=2"]))
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    assert result.status == "FINISHED"
+    return result

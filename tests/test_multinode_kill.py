@@ -29,6 +29,7 @@ from tests.test_multinode_support import LocalCluster, free_port, run_dip
 from tests.test_trainer_support import assert_bit_identical, final_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 12, 4
 JOB_TIMEOUT_S = 900
 
@@ -119,18 +120,21 @@ def _wait_for_first_commit(store, job_id: str, cluster: LocalCluster) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
+def reference(zero2_reference):
+    """The uninterrupted run: the session's ZeRO-2 reference of the trainer tests (tests/conftest.py).
+    The submitted jobs below are the same config (quickstart + _tiny == tests.test_trainer_support.TINY,
+    checked here), so on any cluster layout they must end bit-identical to it."""
     from trainer.checkpoint_store import CheckpointStore
+    from trainer.config import config_from_dict, load_config, to_dict
+    from tests.test_trainer_support import TINY
 
-    out = str(tmp_path_factory.mktemp("reference-runs"))
-    job_id = _submit(cluster, "ref", out)
-    status = _wait_for_end(cluster, job_id)
-    assert status == "SUCCEEDED", _logs(cluster, job_id)[-8000:]
-    store = CheckpointStore(os.path.join(out, "ref", "checkpoints"))
+    submitted = to_dict(load_config(os.path.join(REPO, "configs", "quickstart_cpu.yaml"), _tiny("ref2", "x")))
+    tiny = to_dict(config_from_dict({**TINY, "run_name": "ref2", "output_dir": "x"}))
+    for section in ("model", "data", "objective", "optim", "train"):
+        assert submitted[section] == tiny[section], f"{section}: the submitted run would not match the reference"
+    store = CheckpointStore(zero2_reference.checkpoint_dir)
     assert store.latest_committed() == STEPS
-    listing = run_dip(["jobs", "list", "--address", cluster.address], env=cluster.client_env)
-    assert job_id in listing.stdout and "SUCCEEDED" in listing.stdout
-    return {"store": store, "run_dir": os.path.join(out, "ref")}
+    return {"store": store, "run_dir": os.path.dirname(zero2_reference.checkpoint_dir)}
 
 
 def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(cluster, reference, tmp_path):
@@ -153,6 +157,8 @@ def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(c
     ref_model, ref_ema = final_weights(reference["store"].step_path(STEPS))
     assert_bit_identical(model, ref_model, "model weights")
     assert_bit_identical(ema, ref_ema, "EMA weights")
+    listing = run_dip(["jobs", "list", "--address", cluster.address], env=cluster.client_env)
+    assert job_id in listing.stdout and "SUCCEEDED" in listing.stdout
 
 
 @pytest.fixture

@@ -23,11 +23,13 @@ _REFERENCES: dict = {}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, ray_cluster):  # noqa: F811
-    """The uninterrupted run of each ZeRO stage, computed once per module."""
+def reference(tmp_path_factory, ray_cluster, zero2_reference):  # noqa: F811
+    """The uninterrupted run of each ZeRO stage, computed once (ZeRO-2's once per session)."""
     from cluster.launch import launch
 
     def get(stage: int):
+        if stage == 2:
+            return zero2_reference
         if stage not in _REFERENCES:
             root = tmp_path_factory.mktemp(f"reference-zero{stage}")
             _REFERENCES[stage] = launch(tiny_config(root, f"ref{stage}", [f"train.zero_stage={stage}"]))
