@@ -1,9 +1,10 @@
 """Record -> training sample: decode, ADM crop, seeded flip. Shared by the MDS and webdataset readers.
 
 Samples stay uint8 (3, N, N) (`npy` records are stored that way; a flip is a strided view, not a
-copy); `collate` copies them into one uint8 (B, 3, N, N) batch, and that is what the loader yields. Scaling to [-1, 1]
-(`to_pm1`) is the consumer's job, on its device: for pre-cropped shards the float conversion cost
-as much as all the reading (benchmarks/data.py), and uint8 is a quarter of the bytes to pin and copy.
+copy); `collate` copies them into one uint8 (B, 3, N, N) batch, and that is what the loader yields.
+Scaling to [-1, 1] (`to_pm1`) is the consumer's job, on its device: for pre-cropped shards the float
+conversion cost as much as all the reading (benchmarks/data.py), and uint8 is a quarter of the bytes
+to pin and copy.
 """
 from __future__ import annotations
 
