@@ -2,8 +2,6 @@
 offline evaluation of a checkpoint on the Ray eval pool. Heavy imports happen inside the handlers."""
 from __future__ import annotations
 
-import argparse
-
 from trainer.sample_cmd import parse_interval
 
 IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the Inception Score is not computed"
