@@ -11,7 +11,8 @@ __all__ = ["DataConfig", "build_dataloader", "prepare_dataset"]
 
 
 def build_dataloader(config: DataConfig, rank: int, world_size: int):
-    """Per-rank endless stream of (pixels (B, 3, N, N) in [-1, 1], labels (B,), keys); see data/loader.py."""
+    """Per-rank endless stream of (pixels uint8 (B, 3, N, N), labels (B,), keys); see data/loader.py.
+    Consumers scale to [-1, 1] on their device with data.records.to_pm1."""
     from data.loader import build_dataloader as build
 
     return build(config, rank, world_size)
