@@ -10,7 +10,6 @@ import atexit
 import dataclasses
 import logging
 import os
-import sys
 import warnings
 
 import torch
@@ -140,15 +139,10 @@ class _MdsBackend:
         self.config, self.world_size = config, world_size
         local, remote = mds_local_and_remote(root, is_remote(root), cache_dir)
         nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        # Local shards need no download: unthrottled, streaming's prepare / ready threads run through the
-        # epoch at once and exit. Throttled (its default: 8 batches ahead, for remote shards) they wake
-        # every 7 ms for the whole epoch: ~14% of a 1-core trainer worker's samples in py-spy.
-        predownload = None if remote else sys.maxsize
         self.dataset = DecodingStreamingDataset(
             resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
             local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,
-            shuffle_seed=config.seed, num_canonical_nodes=nodes, download_timeout=config.download_timeout_s,
-            predownload=predownload)
+            shuffle_seed=config.seed, num_canonical_nodes=nodes, download_timeout=config.download_timeout_s)
         self.epoch = 0
         self.offset = 0   # global samples of this epoch consumed before this process resumed it
         self.yielded = 0  # samples this rank yielded in this epoch since then
