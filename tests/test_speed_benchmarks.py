@@ -54,3 +54,18 @@ def test_model_benchmark_runs_on_a_tiny_case(tmp_path):
     assert detailer["forward_images_per_s"] > 0 and detailer["forward_backward_images_per_s"] > 0
     assert detailer["head_contiguous_s"] > 0 and detailer["head_channels_last_s"] > 0
     assert 0.99 < detailer["head_flop_share"] < 1.0          # T/16's backbone is tiny beside the head
+
+
+def test_conditioning_report_shows_the_label_path_attenuated_at_init():
+    """benchmarks/conditioning.py (init part): the label's effect and the per-part gradients it reports
+    are the model's own, so the diagnosis in RESULTS.md stays reproducible."""
+    out = _run("conditioning.py", timeout=300)
+    effect = float(out.split("label effect at init: ", 1)[1].split()[0])
+    grads = {}
+    for line in out.split("AdamW eps = 1e-8):", 1)[1].strip().splitlines():
+        name, value = line.strip().rsplit(" ", 1)
+        grads[name.strip()] = float(value)
+    assert set(grads) >= {"label table", "head bottleneck", "head out_conv", "head enc1"}
+    assert 0 < effect < 1e-4                                        # the label barely moves the output at init
+    assert grads["label table"] < 1e-8 < grads["head enc1"] < grads["head out_conv"]
+    assert grads["head bottleneck"] < 1e-3 * grads["head enc1"]     # the deep path is attenuated
