@@ -31,3 +31,71 @@ def test_sample_grid_tiles_the_first_images():
     assert grid.shape == (4, 6, 3)  # 5 images: 3 columns, 2 rows
     np.testing.assert_array_equal(grid[2:4, 2:4], images[4])
     assert not grid[2:4, 4:6].any()  # the empty cell stays black
+
+
+class _RecordingPool:
+    """Stands in for trainer.eval.pool.EvalPool in a unit test of the hook's hand-over logic only
+    (the real pool has its own tests): records calls, finishes a submitted eval when waited on."""
+
+    def __init__(self):
+        self.calls, self.running, self.done = [], [], []
+
+    def submit(self, path, step, spec):
+        self.calls.append(("submit", step))
+        self.running.append(step)
+
+    def wait_idle(self, timeout=None):
+        self.calls.append(("wait_idle",))
+        self.done += [EvalResult(step=s, fid=100.0 - s / 100, sfid=None, precision=None, recall=None,
+                                 num_samples=4, seconds=1.0, sample_grid=np.zeros((2, 2, 3), np.uint8))
+                      for s in self.running]
+        self.running = []
+        return True
+
+    def poll(self):
+        done, self.done = self.done, []
+        return done
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def _committed_store(tmp_path, steps):
+    from trainer.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    for step in steps:
+        store.write_stream(f"step-{step}/x.pt", lambda f: f.write(b"x"))
+        store.commit(step, {"x.pt": 1}, {"world_size": 1})
+    return store
+
+
+def _hook(tmp_path, store, pool):
+    from trainer.config import config_from_dict
+    from trainer.eval_hook import EvalHook
+
+    cfg = config_from_dict({"run_name": "h", "output_dir": str(tmp_path / "runs"), "eval": {"every_steps": 100}})
+    hook = EvalHook(cfg, store)  # eval.enabled is false: no pool is started; the recording one is put in
+    hook.pool, hook.spec = pool, None
+    return hook
+
+
+def test_the_last_checkpoint_is_still_evaluated_when_training_ends_between_two_polls(tmp_path):
+    store = _committed_store(tmp_path, [100, 200])
+    pool = _RecordingPool()
+    hook = _hook(tmp_path, store, pool)
+    hook.poll(force=True)
+    assert pool.calls == [("submit", 200)]  # the newest due one; 100 is stale
+    store.write_stream("step-300/x.pt", lambda f: f.write(b"x"))
+    store.commit(300, {"x.pt": 1}, {"world_size": 1})  # training ends: committed after the last poll
+    hook.close(wait_s=60)
+    assert pool.calls == [("submit", 200), ("submit", 300), ("wait_idle",), ("close",)]
+    assert [r.step for r in hook.results] == [200, 300]
+
+
+def test_a_failed_run_hands_nothing_more_to_the_pool(tmp_path):
+    store = _committed_store(tmp_path, [100])
+    pool = _RecordingPool()
+    hook = _hook(tmp_path, store, pool)
+    hook.close(wait_s=0.0)
+    assert pool.calls == [("close",)]

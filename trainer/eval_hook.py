@@ -40,12 +40,12 @@ class EvalHook:
                                  cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
                                  image_size=cfg.data.resolution, seed=cfg.train.seed)
 
-    def poll(self, force: bool = False) -> None:
+    def poll(self, force: bool = False, submit: bool = True) -> None:
         if self.pool is None or (not force and time.monotonic() - self._last_poll < self.poll_every_s):
             return
         self._last_poll = time.monotonic()
         due = [s for s in self.store.committed_steps(warn=False)
-               if s % self.cfg.eval.every_steps == 0 and s not in self.submitted]
+               if s % self.cfg.eval.every_steps == 0 and s not in self.submitted] if submit else []
         if due:
             step = due[-1]  # the pool keeps one pending job: the newest is the one worth scoring
             self.submitted.update(due)
@@ -67,9 +67,12 @@ class EvalHook:
         self.tracker.log_artifact(path, "eval")
 
     def close(self, wait_s: float = 0.0) -> None:
+        """wait_s > 0 (a run that ended well): the last committed checkpoint is still handed over if due
+        (training may end between two polls), and its eval awaited; 0: collect what is done and stop."""
         if self.pool is None:
             return
         if wait_s > 0:
+            self.poll(force=True)
             self.pool.wait_idle(timeout=wait_s)
-        self.poll(force=True)
+        self.poll(force=True, submit=False)
         self.pool.close()
