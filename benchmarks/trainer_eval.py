@@ -45,14 +45,9 @@ def run(root: str, name: str, args, overrides: list[str]):
                   echo=lambda text: None)
 
 
-def history(summary, key: str) -> list[tuple[int, float]]:
-    from mlflow.tracking import MlflowClient
-
-    points = MlflowClient(tracking_uri=summary.tracking_uri).get_metric_history(summary.mlflow_run_id, key)
-    return sorted((m.step, m.value) for m in points)
-
-
 def main() -> int:
+    from benchmarks.trainer import history  # a run's metric, read back from its MLflow store
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=150, help="checkpoint and eval interval (steps)")
