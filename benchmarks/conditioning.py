@@ -1,18 +1,19 @@
-"""Why the quickstart's tiny DiP learns the class label late: the label's path at the authors' init.
+"""Why a tiny DiP learns the class label late at the authors' init, and what model.init changes.
 
 The label reaches the output only through the tokens, and the tokens reach the output only through
 the Patch Detailer Head's bottleneck, nine conv layers (PyTorch-default init, SiLU) away from its
 output, while the head's shallow skip path (enc1 -> dec1 -> out) carries the noisy patch straight
 through. At init the deep path is attenuated by ~1e-4 or more, so:
 
-1. `init`: the label's effect on the output, |f(x, t, y=0) - f(x, t, y=5)|, and the gradient that one
-   training batch gives each part of the network (the backbone's gradients sit far below the
-   head's, and below AdamW's eps = 1e-8);
-2. `--steps N`: the same training, identical batches, noise and t, on 1 process and on 2 DeepSpeed
-   ZeRO-2 ranks over gloo (no Ray): the label effect every 25 steps. Equal curves mean the slow
-   start is the model's learning dynamics, not the distributed trainer.
+1. at init, for model.init=authors and =variance_preserving (He-normal head convs, N(0, 1) label
+   table; the quickstart's choice): the label's effect on the output, |f(x, t, y=0) - f(x, t, y=5)|,
+   and the gradient that one training batch gives each part of the network (at the authors' init
+   the backbone's gradients sit far below the head's, and below AdamW's eps = 1e-8);
+2. `--steps N [--init ...]`: the same training, identical batches, noise and t, on 1 process and on
+   2 DeepSpeed ZeRO-2 ranks over gloo (no Ray): the label effect every 25 steps. Equal curves mean
+   the slow start is the model's learning dynamics, not the distributed trainer.
 
-    python benchmarks/conditioning.py [--steps 300]
+    python benchmarks/conditioning.py [--steps 300] [--init authors]
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def label_effect(model, images) -> float:
         return (model(images, t, y0) - model(images, t, y0 + 5)).abs().mean().item()
 
 
-def init_report() -> None:
+def init_report(init: str) -> None:
     import torch
 
     from data.records import to_pm1
@@ -52,9 +53,10 @@ def init_report() -> None:
     from trainer.config import load_config
     from trainer.engine import build_objective_module
 
-    cfg = load_config(QUICKSTART)
+    cfg = load_config(QUICKSTART, [f"model.init={init}"])
     module = build_objective_module(cfg)
     probe = _probe_images()
+    print(f"[model.init={init}]")
     print(f"label effect at init: {label_effect(module.denoiser, probe):.3e} "
           f"(output mean |v| {module.denoiser(probe, torch.full((16,), 0.3), torch.zeros(16, dtype=torch.long)).abs().mean().item():.3f})")
     images, labels = reference_images(16, 32, 10, seed=0)
@@ -70,7 +72,7 @@ def init_report() -> None:
         print(f"  {label:18s} {max(grads):.2e}")
 
 
-def _train(rank: int, world: int, steps: int, port: str, queue) -> None:
+def _train(rank: int, world: int, steps: int, port: str, queue, init: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -84,7 +86,7 @@ def _train(rank: int, world: int, steps: int, port: str, queue) -> None:
                       LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     per_rank = 16 // world
-    cfg = load_config(QUICKSTART, [f"data.batch_size={per_rank}", "objective.label_dropout=0"])
+    cfg = load_config(QUICKSTART, [f"data.batch_size={per_rank}", "objective.label_dropout=0", f"model.init={init}"])
     module = build_objective_module(cfg)
     images, labels = reference_images(2000, 32, 10, seed=0)
     images = to_pm1(images)
@@ -106,7 +108,7 @@ def _train(rank: int, world: int, steps: int, port: str, queue) -> None:
     dist.destroy_process_group()
 
 
-def compare_world_sizes(steps: int) -> None:
+def compare_world_sizes(steps: int, init: str) -> None:
     import torch.multiprocessing as mp
 
     curves = {}
@@ -114,7 +116,7 @@ def compare_world_sizes(steps: int) -> None:
         start = time.monotonic()
         ctx = mp.get_context("spawn")
         queue = ctx.SimpleQueue()
-        mp.start_processes(_train, args=(world, steps, port, queue), nprocs=world, start_method="spawn")
+        mp.start_processes(_train, args=(world, steps, port, queue, init), nprocs=world, start_method="spawn")
         curves[world] = dict(queue.get() for _ in range(steps // 25))
         print(f"{world} rank(s): {steps} steps in {time.monotonic() - start:.0f} s")
     print("step | label effect, 1 process | 2 ZeRO-2 ranks")
@@ -125,10 +127,13 @@ def compare_world_sizes(steps: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=0, help="also train 1 vs 2 ranks this many steps")
+    parser.add_argument("--init", default="authors", choices=("authors", "variance_preserving"),
+                        help="model.init of the --steps comparison (the report at init shows both)")
     args = parser.parse_args()
-    init_report()
+    for init in ("authors", "variance_preserving"):
+        init_report(init)
     if args.steps:
-        compare_world_sizes(args.steps)
+        compare_world_sizes(args.steps, args.init)
     return 0
 
 

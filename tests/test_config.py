@@ -69,9 +69,11 @@ def test_unknown_section_is_named_with_the_valid_sections():
     ({"checkpoint": {"async_save": "yes"}}, "checkpoint.async_save='yes' is not valid: expected true or false"),
     ({"optim": {"betas": [0.9]}}, "optim.betas=[0.9] is not valid: expected a list of 2 numbers"),
     ({"model": {"name": "DiP-XXL/16"}}, "model.name='DiP-XXL/16' is not valid"),
+    ({"model": {"init": "he"}}, "model.init='he' is not valid: expected one of ['authors', 'variance_preserving']"),
     ({"data": {"format": "tfrecord"}}, "data.format='tfrecord' is not valid"),
     ({"data": {"resolution": 40}}, "data.resolution=40 is not valid: must be a multiple of the patch size 16"),
     ({"eval": {"enabled": True}}, "eval.ref_stats"),
+    ({"eval": {"ref_samples": 0}}, "eval.ref_samples=0 is not valid"),
     ({"train": "fast"}, "train must be a mapping"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, fragment):
@@ -127,7 +129,8 @@ def test_hash_follows_content_and_flatten_gives_dotted_params():
 
 def test_resume_refuses_a_different_model_shape_but_not_a_longer_run():
     saved = to_dict(config_from_dict({"model": {"name": "DiP-T/16", "num_classes": 10}}))
-    longer = config_from_dict({"model": {"name": "DiP-T/16", "num_classes": 10, "activation_checkpointing": True},
+    longer = config_from_dict({"model": {"name": "DiP-T/16", "num_classes": 10, "activation_checkpointing": True,
+                                         "init": "variance_preserving"},
                                "train": {"max_steps": 99999}, "optim": {"lr": 5e-4}})
     assert resume_incompatibilities(saved, longer) == []
     wider = config_from_dict({"model": {"name": "DiP-S/16", "num_classes": 10}})

@@ -64,7 +64,7 @@ def test_official_state_dict_key_shapes():
 
 
 @pytest.mark.parametrize("field,value,choices", [
-    ("head", "conv", "detailer"), ("patch_size", 8, "16, 32, 64"),
+    ("head", "conv", "detailer"), ("patch_size", 8, "16, 32, 64"), ("init", "he", "variance_preserving"),
 ])
 def test_config_rejects_bad_values_naming_field_and_choices(field, value, choices):
     with pytest.raises(ValueError, match=field) as info:
@@ -75,6 +75,44 @@ def test_config_rejects_bad_values_naming_field_and_choices(field, value, choice
 def test_config_rejects_indivisible_heads():
     with pytest.raises(ValueError, match="num_heads"):
         DiPConfig(hidden_size=100, num_heads=3)
+
+
+# ------------------------------------------------------------------------------------ init
+
+
+def _label_effect(model) -> float:
+    """Mean |v(y=0) - v(y=5)| on fixed noise: how much the class label moves the output."""
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 3, 32, 32, generator=g), torch.full((4,), 0.3), torch.zeros(4, dtype=torch.long)
+    with torch.no_grad():
+        return (model(x, t, y) - model(x, t, y + 5)).abs().mean().item()
+
+
+def test_authors_init_is_the_default_and_follows_the_spec():
+    model = _tiny()
+    assert model.config.init == "authors"
+    assert abs(model.y_embedder.embedding_table.weight.std().item() - 0.02) < 0.002
+    assert not model.s_embedder.proj.bias.any()
+    assert model.local_decoder.enc1[0].bias.abs().max() > 0  # PyTorch's default, not zeroed
+
+
+def test_variance_preserving_init_opens_the_label_path_the_authors_init_nearly_closes():
+    authors, opened = _tiny(), _tiny(init="variance_preserving")
+    assert {k: v.shape for k, v in authors.state_dict().items()} == {k: v.shape for k, v in opened.state_dict().items()}
+    # at the authors' init the label reaches the output ~1e-9 strong (benchmarks/conditioning.py)
+    assert _label_effect(authors) < 1e-6
+    assert _label_effect(opened) > 1e-3
+    assert abs(opened.y_embedder.embedding_table.weight.std().item() - 1.0) < 0.1
+    head_layers = [m for m in opened.local_decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(head_layers) == 14 and all(not m.bias.any() for m in head_layers)
+    # what the head's deep path keeps of its input's scale: He-normal keeps it O(1), the default shrinks it
+    x = torch.randn(8, 512 + 64, 1, 1)
+    for model, lo, hi in ((opened, 0.3, 3.0), (authors, 0.0, 0.3)):
+        head = model.local_decoder
+        with torch.no_grad():
+            d = head.up4(head.bottleneck(x))
+            d = head.up3(head.dec4(torch.cat([d, torch.zeros_like(d)], 1)))
+        assert lo < d.std().item() / x.std().item() < hi, model.config.init
 
 
 # ------------------------------------------------------------------------------------ shapes

@@ -24,6 +24,8 @@ PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 RESUME_MODES = ("auto", "never")
 SAMPLING_METHODS = ("euler", "heun")
+SYNTHETIC_REF = "synthetic"               # eval.ref_stats: held-out images of the synthetic set
+SYNTHETIC_REF_START = 1_000_000           # their first index: far beyond any synthetic training set
 REPA_OFF, REPA_TINY = "", "tiny"
 
 
@@ -53,8 +55,12 @@ class ModelSection:
     name: str = "DiP-T/16"                 # a models.registry size: DiP-T/16 ... DiP-XL/64, -linear variants
     num_classes: int = 1000                # labels 0..C-1; C is the null label
     activation_checkpointing: bool = False
+    # "authors" (the published init) or "variance_preserving": an opt-in start that makes a small model
+    # class-conditional within a few hundred steps (see models/dip.py initialize_weights)
+    init: Literal["authors", "variance_preserving"] = "authors"
 
     def __post_init__(self):
+        from models.dip import INIT_CHOICES
         from models.registry import DIP_SIZES  # torch-free at import of this module's callers is not needed
 
         if self.name not in DIP_SIZES:
@@ -62,12 +68,13 @@ class ModelSection:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"model.name={self.name!r} is not valid{hint}: choose one of {list(DIP_SIZES)}")
         _positive_int("model.num_classes", self.num_classes)
+        _require(self.init in INIT_CHOICES, "model.init", self.init, f"expected one of {list(INIT_CHOICES)}")
 
     def dip_config(self):
         from models.registry import dip_config
 
         return dip_config(self.name, num_classes=self.num_classes,
-                          activation_checkpointing=self.activation_checkpointing)
+                          activation_checkpointing=self.activation_checkpointing, init=self.init)
 
 
 @dataclass
@@ -192,7 +199,10 @@ class EvalSection:
     cfg_scale: float = 2.9
     cfg_interval: tuple[float, float] = (0.11, 0.97)
     actors: int = 1
-    ref_stats: str = ""                    # reference statistics file (required when enabled)
+    # reference statistics file (required when enabled), or "synthetic" with synthetic data: held-out
+    # synthetic images (indices from SYNTHETIC_REF_START up), computed by the pool in the background
+    ref_stats: str = ""
+    ref_samples: int = 500                 # images in the "synthetic" reference
 
     def __post_init__(self):
         _positive_int("eval.every_steps", self.every_steps)
@@ -200,6 +210,7 @@ class EvalSection:
         _positive_int("eval.steps", self.steps)
         _require(self.method in SAMPLING_METHODS, "eval.method", self.method, f"choose one of {list(SAMPLING_METHODS)}")
         _positive_int("eval.actors", self.actors)
+        _positive_int("eval.ref_samples", self.ref_samples)
         lo, hi = self.cfg_interval
         _require(0.0 <= lo <= hi <= 1.0, "eval.cfg_interval", self.cfg_interval, "expected 0 <= lo <= hi <= 1")
         _require(not self.enabled or self.ref_stats != "", "eval.ref_stats", self.ref_stats,
@@ -478,6 +489,7 @@ def shape_signature(cfg: TrainConfig) -> dict:
     """What a checkpoint's tensors depend on: a resume with a different signature cannot load."""
     model = dataclasses.asdict(cfg.model.dip_config())
     model.pop("activation_checkpointing")  # recomputation changes no shape
+    model.pop("init")  # nor do the starting weights
     return {"model": model, "repa": cfg.objective.repa_encoder if cfg.objective.repa_enabled else None}
 
 
