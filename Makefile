@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 
 quickstart: install
 	$(BIN)/dip train configs/quickstart_cpu.yaml
+	$(BIN)/python benchmarks/grid_classes.py runs/quickstart/samples/final.png
 
 test: install
 	$(BIN)/python -m pytest -q -ra --timeout=900 tests

@@ -165,3 +165,22 @@ def test_bad_pool_arguments_are_clear_errors(ray_cluster, reference_path, tmp_pa
         EvalPool(1, {"num_cpus": 1}, tmp_path / "wrong.npz")
     with pytest.raises(ValueError, match="fid_method"):
         EvalPool(1, {"num_cpus": 1}, reference_path, fid_method="svd")
+    with pytest.raises(ValueError, match="exactly one of ref_stats_path, reference or reference_data"):
+        EvalPool(1, {"num_cpus": 1}, reference_path, reference_data=object())
+
+
+def test_a_reference_built_by_the_pool_equals_the_reference_file(ray_cluster, reference_path):
+    """eval.ref_stats: synthetic -> the pool computes the reference in a background Ray task
+    (trainer.eval.pool._build_reference): the same statistics as the file of the same images."""
+    from trainer.eval.datasets import DatasetRequest
+    from trainer.eval.pool import _build_reference
+
+    request = DatasetRequest(data="synthetic", num_samples=60, image_size=IMAGE_SIZE, num_classes=10)
+    built = ray.get(_build_reference.options(num_cpus=1).remote(request, "eigh", "cpu"), timeout=300)
+    saved = ReferenceStats.load(reference_path)
+    assert built.num_images == saved.num_images == 60
+    for name in ("pool", "spatial"):
+        a, b = getattr(built, name), getattr(saved, name)
+        np.testing.assert_allclose(a.mu, b.mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(built.reference_radii(), saved.prepare("eigh").reference_radii(), rtol=1e-5)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from trainer.eval.spec import EvalResult, sample_grid
 
@@ -99,3 +100,16 @@ def test_a_failed_run_hands_nothing_more_to_the_pool(tmp_path):
     hook = _hook(tmp_path, store, pool)
     hook.close(wait_s=0.0)
     assert pool.calls == [("close",)]
+
+
+def test_a_synthetic_reference_needs_synthetic_data(tmp_path):
+    from trainer.config import config_from_dict
+    from trainer.eval_hook import EvalHook
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    cfg = config_from_dict({"run_name": "h", "output_dir": str(tmp_path / "runs"), "data": {"path": str(shards)},
+                            "eval": {"enabled": True, "ref_stats": "synthetic"}})
+    with pytest.raises(ValueError, match="eval.ref_stats='synthetic' is not valid: a 'synthetic' reference needs "
+                                         "data.path: synthetic"):
+        EvalHook(cfg, _committed_store(tmp_path, []))

@@ -44,7 +44,7 @@ def _tiny(run_name: str, output_dir: str) -> list[str]:
             "train.log_every=1", "train.stop_check_every=2", f"checkpoint.every_steps={EVERY}", "checkpoint.keep=4",
             "checkpoint.async_save=false", "samples.num_classes=2", "samples.per_class=2", "samples.steps=2",
             "optim.ema_decay=0.9", "optim.warmup_steps=2", "optim.grad_clip=1.0", "cluster.max_failures=3",
-            "tracking.flush_timeout_s=30"]
+            "tracking.flush_timeout_s=30", "model.init=authors", "eval.enabled=false"]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import os
 import time
 
 from trainer.checkpoint_store import CheckpointStore
-from trainer.config import TrainConfig
+from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig, _require
 
 log = logging.getLogger("dip.eval")
 
@@ -27,6 +27,10 @@ class EvalHook:
         self._last_poll = 0.0
         if not cfg.eval.enabled:
             return
+        # checked here, not in TrainConfig: the workers' copy of the config points data.path at the shards
+        _require(cfg.eval.ref_stats != SYNTHETIC_REF or cfg.data.is_synthetic, "eval.ref_stats", cfg.eval.ref_stats,
+                 f"a {SYNTHETIC_REF!r} reference needs data.path: synthetic; otherwise give a file from "
+                 "`dip eval ref-stats`")
         if not store.is_local:
             log.warning("eval: checkpoints in %s are not local; the eval pool reads local step dirs, eval is off",
                         store.display())
@@ -35,7 +39,17 @@ class EvalHook:
         from trainer.eval.spec import SamplingSpec
 
         resources = {"num_gpus": 1, "num_cpus": 1} if cfg.cluster.use_gpu else {"num_cpus": 1}
-        self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats)
+        if cfg.eval.ref_stats == SYNTHETIC_REF:
+            from trainer.eval.datasets import DatasetRequest
+
+            held_out = DatasetRequest(data="synthetic", num_samples=cfg.eval.ref_samples,
+                                      image_size=cfg.data.resolution, num_classes=cfg.data.synthetic_classes,
+                                      seed=cfg.data.seed, start=SYNTHETIC_REF_START)
+            log.info("eval: reference = %d held-out synthetic images (from index %d), computed by the pool",
+                     cfg.eval.ref_samples, SYNTHETIC_REF_START)
+            self.pool = EvalPool(cfg.eval.actors, resources, reference_data=held_out)
+        else:
+            self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats)
         self.spec = SamplingSpec(steps=cfg.eval.steps, method=cfg.eval.method, cfg_scale=cfg.eval.cfg_scale,
                                  cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
                                  image_size=cfg.data.resolution, seed=cfg.train.seed)

@@ -63,6 +63,16 @@ def _load_reference(path: str, fid_method: str, device: str):
 
 
 @ray.remote
+def _build_reference(request, fid_method: str, device: str):
+    """Computes the reference statistics of a dataset (e.g. held-out synthetic images) for the pool."""
+    from .datasets import build_reference
+
+    reference, counts = build_reference(request, None, device)
+    log.info("eval reference: %d images of %s (%d unreadable, skipped)", counts.images, request.data, counts.skipped)
+    return reference.prepare(fid_method)
+
+
+@ray.remote
 class EvalActor:
     """One eval worker: keeps the Inception network and the current checkpoint's EMA model loaded."""
 
@@ -94,8 +104,10 @@ class EvalActor:
 
 class EvalPool:
     def __init__(self, num_actors: int, resources_per_actor: dict | None = None,
-                 ref_stats_path: str | Path | None = None, *, reference=None, max_actor_restarts: int = 3,
-                 fid_method: str = "eigh"):
+                 ref_stats_path: str | Path | None = None, *, reference=None, reference_data=None,
+                 max_actor_restarts: int = 3, fid_method: str = "eigh"):
+        """The reference is one of: a statistics file, ReferenceStats in memory, or a DatasetRequest
+        (reference_data) whose statistics a background task computes on the pool's resources."""
         if not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"EvalPool num_actors={num_actors!r}: must be a positive integer")
         resources = dict(resources_per_actor or {"num_cpus": 1})
@@ -106,8 +118,8 @@ class EvalPool:
 
         if fid_method not in FID_METHODS:
             raise ValueError(f"EvalPool fid_method={fid_method!r}: choose one of {FID_METHODS}")
-        if (ref_stats_path is None) == (reference is None):
-            raise ValueError("EvalPool: give exactly one of ref_stats_path or reference")
+        if sum(x is not None for x in (ref_stats_path, reference, reference_data)) != 1:
+            raise ValueError("EvalPool: give exactly one of ref_stats_path, reference or reference_data")
         if ref_stats_path is not None:
             if not Path(ref_stats_path).is_file():
                 raise FileNotFoundError(f"EvalPool ref_stats_path={ref_stats_path}: no such file "
@@ -126,6 +138,8 @@ class EvalPool:
         self.fid_method = fid_method
         if reference is not None:
             self._reference = ray.put(reference.prepare(fid_method))
+        elif reference_data is not None:  # computed in the background: the first eval waits for it, nothing else
+            self._reference = _build_reference.options(**resources).remote(reference_data, fid_method, self._device)
         else:  # loads in the background (before the actors start): the constructor returns at once
             self._reference = _load_reference.options(**resources).remote(str(ref_stats_path), fid_method,
                                                                           self._device)
