@@ -86,7 +86,7 @@ def _echo(text: str) -> None:
     print(text, flush=True)
 
 
-def _start_ray(cfg: TrainConfig) -> bool:
+def _start_ray(cfg: TrainConfig, echo=_echo) -> bool:
     """Start a local Ray cluster or attach to one. True when this call started it."""
     import ray
 
@@ -95,8 +95,11 @@ def _start_ray(cfg: TrainConfig) -> bool:
     if cfg.cluster.address:
         ray.init(address=cfg.cluster.address, include_dashboard=False)
         return True
-    ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=cfg.cluster.object_store_mb << 20, _node_ip_address="127.0.0.1")
+    context = ray.init(num_cpus=cfg.cluster.num_cpus or os.cpu_count(), include_dashboard=cfg.cluster.dashboard,
+                       dashboard_host="127.0.0.1", object_store_memory=cfg.cluster.object_store_mb << 20,
+                       _node_ip_address="127.0.0.1")
+    if cfg.cluster.dashboard and context.dashboard_url:
+        echo(f"ray dashboard: http://{context.dashboard_url}")
     return True
 
 
@@ -191,7 +194,7 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
     driver_log.log_artifact(os.path.join(paths.run_dir, "config.yaml"),
                             "config" if plan.step is None else f"config/resume-{step_name(plan.step)}")
 
-    started_ray = _start_ray(cfg)
+    started_ray = _start_ray(cfg, echo)
     eval_hook = None
     status, result, error = "FAILED", None, None
     try:

@@ -28,6 +28,8 @@ def run(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from cluster.launch import launch
+    from trainer.worker import configure_logging
 
+    configure_logging()  # the driver's own lines too: eval results, checkpoint notices
     summary = launch(cfg)
     return 0 if summary.status in ("FINISHED", "STOPPED") else 1

@@ -74,6 +74,7 @@ def test_unknown_section_is_named_with_the_valid_sections():
     ({"data": {"resolution": 40}}, "data.resolution=40 is not valid: must be a multiple of the patch size 16"),
     ({"eval": {"enabled": True}}, "eval.ref_stats"),
     ({"eval": {"ref_samples": 0}}, "eval.ref_samples=0 is not valid"),
+    ({"cluster": {"dashboard": "yes"}}, "cluster.dashboard='yes' is not valid: expected true or false"),
     ({"train": "fast"}, "train must be a mapping"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, fragment):

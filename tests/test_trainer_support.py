@@ -18,7 +18,7 @@ TINY = {
     "checkpoint": {"every_steps": 4, "keep": 2, "async_save": False},
     "tracking": {"flush_timeout_s": 30.0},
     "samples": {"num_classes": 2, "per_class": 2, "steps": 2},
-    "cluster": {"num_workers": 2, "num_cpus": 2, "max_failures": 2},
+    "cluster": {"num_workers": 2, "num_cpus": 2, "max_failures": 2, "dashboard": False},
 }
 
 

@@ -225,6 +225,9 @@ class ClusterSection:
     cpus_per_worker: float = 1.0
     num_cpus: int = 0                      # CPUs of a locally started cluster; 0 = all of this machine
     object_store_mb: int = 256             # object store of a locally started cluster
+    # a locally started cluster serves Ray's dashboard on 127.0.0.1 (and with it the state API, which
+    # Ray Train's placement-group cleaner polls every second, warning each time it is missing)
+    dashboard: bool = True
     max_failures: int = 3                  # worker-group restarts (each resumes from the last checkpoint)
 
     def __post_init__(self):

@@ -43,7 +43,8 @@ class WorkerContext:
     config_hash: str = ""   # of the user's config (before the driver resolved data.path)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """The "dip" loggers at INFO to stdout, once per process (workers, and the `dip train` driver)."""
     root = logging.getLogger("dip")
     if not root.handlers:
         handler = logging.StreamHandler(sys.stdout)
@@ -335,7 +336,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     Returns the run summary; Ray Train hands rank 0's to the driver as Result.return_value."""
     import ray.train
 
-    _configure_logging()
+    configure_logging()
     cfg = config_from_dict(loop_config["config"])
     ctx = WorkerContext(**loop_config["context"])
     train_ctx = ray.train.get_context()

@@ -121,7 +121,7 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3, blo
         raise ValueError(f"feature dimensions differ: {ref.shape[1]} vs {gen.shape[1]}")
     if reference_radii is None:
         reference_radii = manifold_radii(reference, k, block)
-    ref_radii = torch.from_numpy(reference_radii)           # (M,)
+    ref_radii = torch.tensor(reference_radii)               # (M,) a copy: the object store's arrays are read-only
     gen_radii = torch.from_numpy(manifold_radii(samples, k, block))  # (N,)
     precise = torch.zeros(gen.shape[0], dtype=torch.bool)   # sample inside some reference ball
     recalled = torch.zeros(ref.shape[0], dtype=torch.bool)  # reference inside some sample ball
