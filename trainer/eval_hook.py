@@ -6,7 +6,7 @@ import os
 import time
 
 from trainer.checkpoint_store import CheckpointStore
-from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig, _require
+from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig
 
 log = logging.getLogger("dip.eval")
 
@@ -28,9 +28,9 @@ class EvalHook:
         if not cfg.eval.enabled:
             return
         # checked here, not in TrainConfig: the workers' copy of the config points data.path at the shards
-        _require(cfg.eval.ref_stats != SYNTHETIC_REF or cfg.data.is_synthetic, "eval.ref_stats", cfg.eval.ref_stats,
-                 f"a {SYNTHETIC_REF!r} reference needs data.path: synthetic; otherwise give a file from "
-                 "`dip eval ref-stats`")
+        if cfg.eval.ref_stats == SYNTHETIC_REF and not cfg.data.is_synthetic:
+            raise ValueError(f"eval.ref_stats={SYNTHETIC_REF!r} is not valid: a {SYNTHETIC_REF!r} reference needs "
+                             "data.path: synthetic; otherwise give a file from `dip eval ref-stats`")
         if not store.is_local:
             log.warning("eval: checkpoints in %s are not local; the eval pool reads local step dirs, eval is off",
                         store.display())
