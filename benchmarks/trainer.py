@@ -93,7 +93,7 @@ def trainer_run(root: str, name: str, overrides: list[str]):
         "train": {"max_steps": 60, "zero_stage": 2, "precision": "fp32", "log_every": 10, "stop_check_every": 10},
         "checkpoint": {"every_steps": 100000, "keep": 2},
         "samples": {"num_classes": 1, "per_class": 1, "steps": 1},
-        "cluster": {"num_workers": 2, "num_cpus": 2, "max_failures": 0},
+        "cluster": {"num_workers": 2, "num_cpus": 2, "max_failures": 0, "dashboard": False},  # as measured in RESULTS
     }
     return launch(config_from_dict(base, overrides), echo=lambda text: None)
 
