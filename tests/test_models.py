@@ -103,7 +103,8 @@ def test_variance_preserving_init_opens_the_label_path_the_authors_init_nearly_c
     assert _label_effect(authors) < 1e-6
     assert _label_effect(opened) > 1e-3
     assert abs(opened.y_embedder.embedding_table.weight.std().item() - 1.0) < 0.1
-    head_layers = [m for m in opened.local_decoder.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    convs = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    head_layers = [m for m in opened.local_decoder.modules() if isinstance(m, convs)]
     assert len(head_layers) == 14 and all(not m.bias.any() for m in head_layers)
     # what the head's deep path keeps of its input's scale: He-normal keeps it O(1), the default shrinks it
     x = torch.randn(8, 512 + 64, 1, 1)
