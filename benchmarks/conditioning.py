@@ -125,12 +125,14 @@ def compare_world_sizes(steps: int, init: str) -> None:
 
 
 def main() -> int:
+    from models.dip import INIT_CHOICES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=0, help="also train 1 vs 2 ranks this many steps")
-    parser.add_argument("--init", default="authors", choices=("authors", "variance_preserving"),
+    parser.add_argument("--init", default="authors", choices=INIT_CHOICES,
                         help="model.init of the --steps comparison (the report at init shows both)")
     args = parser.parse_args()
-    for init in ("authors", "variance_preserving"):
+    for init in INIT_CHOICES:
         init_report(init)
     if args.steps:
         compare_world_sizes(args.steps, args.init)

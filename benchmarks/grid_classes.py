@@ -16,7 +16,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-GUTTER = 2  # save_grid's gutter, in pixels before upscaling
 
 
 def classifier(classes: int):
@@ -60,6 +59,8 @@ def grid_tiles(path: str, resolution: int, rows: int):
     import numpy as np
     import torch
     from PIL import Image
+
+    from trainer.sample_grid import GUTTER
 
     image = np.asarray(Image.open(path).convert("RGB"))
     step = resolution + GUTTER

@@ -9,6 +9,8 @@ from PIL import Image
 
 from trainer.config import SamplesSection
 
+GUTTER = 2  # white pixels around and between the tiles of a saved grid, before upscaling
+
 
 @torch.no_grad()
 def sample_grid(model: torch.nn.Module, samples: SamplesSection, resolution: int, device: torch.device) -> torch.Tensor:
@@ -32,12 +34,11 @@ def save_grid(images: torch.Tensor, rows: int, path: str, upscale: int = 2) -> s
     """Tile (rows*cols, 3, N, N) images in [-1, 1] into one PNG with 2-pixel gutters."""
     count, _, size, _ = images.shape
     cols = -(-count // rows)  # ceil: a last row may be short
-    pad = 2
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    canvas = np.full((rows * (size + pad) + pad, cols * (size + pad) + pad, 3), 255, np.uint8)
+    canvas = np.full((rows * (size + GUTTER) + GUTTER, cols * (size + GUTTER) + GUTTER, 3), 255, np.uint8)
     for i in range(count):
         r, c = divmod(i, cols)
-        y, x = pad + r * (size + pad), pad + c * (size + pad)
+        y, x = GUTTER + r * (size + GUTTER), GUTTER + c * (size + GUTTER)
         canvas[y:y + size, x:x + size] = pixels[i]
     image = Image.fromarray(canvas)
     if upscale > 1:
