@@ -72,8 +72,11 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     params = [p for p in module.parameters() if p.requires_grad]
+    # fused: one kernel over each tensor instead of ~10 elementwise passes with parameter-sized
+    # temporaries; ZeRO hands the optimizer one flat partition, where the unfused step took 2-3x as
+    # long on CPU (benchmarks/RESULTS.md, "Trainer"). CUDA and CPU both have the kernel.
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=True)
     warmup = cfg.optim.warmup_steps
     # linear warmup, then constant (the paper trains at a constant 1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
