@@ -168,7 +168,11 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
     from trainer.worker import TrainingRun, WorkerContext
 
     class TimedRun(TrainingRun):
-        intervals: list[tuple[float, float]] = []
+        """Keeps each logging interval's (wall s, CPU s) per step, which Ray runs read back from MLflow."""
+
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self.intervals: list[tuple[float, float]] = []
 
         def log_interval(self, meter, *args) -> None:
             figures = meter.figures(self.cfg.global_batch, None, None, self.world_size)
@@ -189,7 +193,7 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
 
 def no_ray_step_time(root: str, name: str, overrides: list[str]) -> tuple[float, float]:
     """The trainer's own per-rank loop (trainer.worker.TrainingRun: the same DeepSpeed engine, streamed
-    shards, EMA) on 2 plain torch.distributed gloo processes, without Ray: splits the overhead into
+    shards, EMA) on as many plain torch.distributed gloo processes, without Ray: splits the overhead into
     Ray's part and the rest. (median wall s, median CPU s of rank 0) per step, as trainer_step_time."""
     from data import prepare_dataset
     from trainer.config import to_dict
