@@ -65,25 +65,17 @@ def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: in
     return statistics.median(times), (time.process_time() - cpu_start) / steps
 
 
-def _bare_in_process(args: tuple, queue) -> None:
-    queue.put(bare_step_time(*args))
+def _bare_rank(rank: int, world: int, port: int, queue, args: tuple) -> None:
+    result = bare_step_time(*args)  # no process group: the copies never talk to each other
+    if rank == 0:
+        queue.put(result)
 
 
 def concurrent_bare_step_time(args: tuple, copies: int = 2) -> tuple[float, float]:
     """The bare loop run as `copies` processes at once, one per core, as the trainer's workers run:
     what the machine itself costs when every core computes (shared caches, memory bandwidth, the
     host), with no Ray, DeepSpeed or communication. Returns the first copy's (median wall s, CPU s)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queues = [ctx.SimpleQueue() for _ in range(copies)]
-    procs = [ctx.Process(target=_bare_in_process, args=(args, q)) for q in queues]
-    for proc in procs:
-        proc.start()
-    results = [q.get() for q in queues]
-    for proc in procs:
-        proc.join()
-    return results[0]
+    return _spawn(_bare_rank, (args,), world=copies)
 
 
 def run_config(root: str, name: str, overrides: list[str]):
@@ -135,7 +127,7 @@ def _free_port() -> int:
 
 
 def _spawn(target, args: tuple, world: int = 2):
-    """Run target(rank, world, port, queue, *args) in `world` fresh processes; rank 0's queue item."""
+    """Run target(rank, world, port, queue, *args) in `world` fresh processes at once; rank 0's queue item."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
