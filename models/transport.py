@@ -19,6 +19,15 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class Draws:
+    """All the randomness of one loss evaluation, drawn by the caller (a trainer keys it to each sample,
+    so a step's math does not depend on how its batch is split over ranks and micro-batches)."""
+    normal_t: torch.Tensor       # (B,) N(0, 1): mapped to t by the logit-normal schedule
+    uniform_drop: torch.Tensor   # (B,) U[0, 1): the label is dropped where < label_dropout
+    noise: torch.Tensor          # (B, C, H, W) N(0, 1)
+
+
+@dataclass
 class FlowMatching:
     num_classes: int
     label_dropout: float = 0.1
@@ -37,8 +46,10 @@ class FlowMatching:
 
     def sample_t(self, batch: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Logit-normal t = sigmoid(n), n ~ N(mean, std). (B,)"""
-        n = torch.randn(batch, device=device, generator=generator)
-        return torch.sigmoid(n * self.t_std + self.t_mean)
+        return self.t_from_normal(torch.randn(batch, device=device, generator=generator))
+
+    def t_from_normal(self, normal: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(normal * self.t_std + self.t_mean)
 
     @staticmethod
     def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -49,20 +60,30 @@ class FlowMatching:
     def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return x - noise
 
-    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def drop_labels(self, labels: torch.Tensor, generator: torch.Generator | None = None,
+                    uniform: torch.Tensor | None = None) -> torch.Tensor:
         if self.label_dropout == 0:
             return labels
-        drop = torch.rand(labels.shape, device=labels.device, generator=generator) < self.label_dropout
+        if uniform is None:
+            uniform = torch.rand(labels.shape, device=labels.device, generator=generator)
+        drop = uniform < self.label_dropout
         return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def loss(self, model, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
-             repa: REPA | None = None, t: torch.Tensor | None = None, noise: torch.Tensor | None = None):
-        """Returns (scalar loss, dict of detached parts). t / noise may be fixed by the caller."""
-        if t is None:
-            t = self.sample_t(x.shape[0], x.device, generator)
-        if noise is None:
-            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        labels = self.drop_labels(labels, generator)
+             repa: REPA | None = None, t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             draws: Draws | None = None):
+        """Returns (scalar loss, dict of detached parts). The randomness comes from `draws` when given,
+        else from `generator` (t / noise may also be fixed by the caller)."""
+        if draws is not None:
+            t = self.t_from_normal(draws.normal_t.to(x.device))
+            noise = draws.noise.to(x.device, x.dtype)
+            labels = self.drop_labels(labels, uniform=draws.uniform_drop.to(labels.device))
+        else:
+            if t is None:
+                t = self.sample_t(x.shape[0], x.device, generator)
+            if noise is None:
+                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            labels = self.drop_labels(labels, generator)
         x_t = self.interpolate(x, noise, t)
         target = self.velocity_target(x, noise)
         if repa is None:

@@ -50,7 +50,7 @@ def to_host(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def _deepspeed_safe_globals() -> list:
+def deepspeed_safe_globals() -> list:
     """Non-tensor classes inside DeepSpeed's optimizer files, allow-listed for weights_only loading."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
@@ -110,7 +110,7 @@ def _engine_classes():
             raise RuntimeError("the safe-load engine only loads")
 
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
 
         def commit(self, info):

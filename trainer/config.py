@@ -220,7 +220,9 @@ class EvalSection:
 @dataclass
 class ClusterSection:
     address: str = ""                      # "" = start a local Ray cluster; "auto" / "ray://host:port" = attach
-    num_workers: int = 1                   # data-parallel ranks (one per GPU on GPU clusters)
+    # data-parallel ranks (one per GPU on GPU clusters): a number, or [min, max] for an elastic run that
+    # shrinks when nodes are lost and grows back when they return (the global batch stays the same)
+    num_workers: int | tuple[int, int] = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     num_cpus: int = 0                      # CPUs of a locally started cluster; 0 = all of this machine
@@ -229,14 +231,40 @@ class ClusterSection:
     # Ray Train's placement-group cleaner polls every second, warning each time it is missing)
     dashboard: bool = True
     max_failures: int = 3                  # worker-group restarts (each resumes from the last checkpoint)
+    # elastic runs: how often Ray checks whether lost capacity came back (a grow writes a checkpoint first)
+    resize_check_s: float = 60.0
 
     def __post_init__(self):
-        _positive_int("cluster.num_workers", self.num_workers)
+        if isinstance(self.num_workers, tuple):
+            low, high = self.num_workers
+            _positive_int("cluster.num_workers[0]", low)
+            _positive_int("cluster.num_workers[1]", high)
+            _require(low <= high, "cluster.num_workers", list(self.num_workers), "expected [min, max] with min <= max")
+            if low == high:
+                self.num_workers = low  # [n, n] is a fixed size
+        else:
+            _positive_int("cluster.num_workers", self.num_workers)
+        _number_in("cluster.resize_check_s", self.resize_check_s, 0.0, float("inf"), lo_open=True)
         _number_in("cluster.cpus_per_worker", self.cpus_per_worker, 0.0, 1024.0, lo_open=True)
         _positive_int("cluster.num_cpus", self.num_cpus, minimum=0)
         _positive_int("cluster.object_store_mb", self.object_store_mb, minimum=64)
         _require(isinstance(self.max_failures, int) and self.max_failures >= -1, "cluster.max_failures",
                  self.max_failures, "expected an integer >= -1 (-1 = retry forever)")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def worker_counts(self) -> range:
+        return range(self.min_workers, self.max_workers + 1)
 
 
 @dataclass
@@ -270,6 +298,12 @@ class TrainConfig:
             depth = self.model.dip_config().depth
             _require(self.objective.repa_block <= depth, "objective.repa_block", self.objective.repa_block,
                      f"must be <= the depth {depth} of {self.model.name}")
+        impossible = [w for w in self.cluster.worker_counts() if solve_batch_split(self.global_batch, self.data.batch_size, w) is None]
+        if impossible:
+            raise ValueError(f"cluster.num_workers={_show_workers(self.cluster.num_workers)}: the global batch "
+                             f"{self.global_batch} ({self.batch_arithmetic()}) cannot be split evenly over "
+                             f"{', '.join(map(str, impossible))} worker(s) with micro-batches of at most "
+                             f"data.batch_size={self.data.batch_size}; choose a range whose sizes divide it")
 
     # -- derived facts -------------------------------------------------------------------------
     @property
@@ -278,11 +312,55 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.data.batch_size * self.cluster.num_workers * self.train.grad_accum
+        """Images per optimizer step, the same at every world size: stated at the largest one."""
+        return self.data.batch_size * self.cluster.max_workers * self.train.grad_accum
+
+    def batch_split(self, world_size: int) -> "BatchSplit":
+        """How `world_size` workers make up the global batch (re-solved at every (re)start)."""
+        split = solve_batch_split(self.global_batch, self.data.batch_size, world_size)
+        if split is None:
+            raise ValueError(f"{world_size} workers cannot keep the global batch {self.global_batch} "
+                             f"({self.batch_arithmetic()}): it is not a multiple of {world_size}")
+        return split
 
     def batch_arithmetic(self) -> str:
-        return (f"micro-batch {self.data.batch_size} x {self.cluster.num_workers} workers x "
-                f"{self.train.grad_accum} accumulation = {self.global_batch} images per step")
+        top = self.batch_split(self.cluster.max_workers)
+        if not self.cluster.elastic:
+            return top.describe()
+        low = self.batch_split(self.cluster.min_workers)
+        return f"{top.describe()} at {top.world_size} workers; {low.describe()} at {low.world_size}"
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """micro-batch x workers x accumulation = the global batch, for one world size."""
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.world_size * self.grad_accum
+
+    def describe(self) -> str:
+        return (f"micro-batch {self.micro_batch} x {self.world_size} workers x {self.grad_accum} accumulation "
+                f"= {self.global_batch} images per step")
+
+
+def solve_batch_split(global_batch: int, max_micro_batch: int, world_size: int) -> BatchSplit | None:
+    """The split of `global_batch` over `world_size` workers with the largest micro-batch <= the
+    configured one (memory is sized for it), hence the fewest accumulation steps; None if none exists."""
+    if global_batch % world_size:
+        return None
+    per_worker = global_batch // world_size
+    for micro in range(min(max_micro_batch, per_worker), 0, -1):
+        if per_worker % micro == 0:
+            return BatchSplit(micro, world_size, per_worker // micro)
+    return None
+
+
+def _show_workers(value) -> str:
+    return f"[{value[0]}, {value[1]}]" if isinstance(value, tuple) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,4 +589,22 @@ def resume_incompatibilities(saved: dict, cfg: TrainConfig) -> list[str]:
     if old.train.zero_stage != cfg.train.zero_stage:
         problems.append(f"train.zero_stage was {old.train.zero_stage}, now {cfg.train.zero_stage}: "
                         "DeepSpeed shards of one ZeRO stage do not load into another")
+    if old.global_batch != cfg.global_batch:
+        problems.append(f"the global batch was {old.global_batch} ({old.batch_arithmetic()}), now {cfg.global_batch} "
+                        f"({cfg.batch_arithmetic()}): the learning-rate schedule and the data position count in "
+                        f"global batches; to keep it, {_keep_global_batch(old.global_batch, cfg)}")
     return problems
+
+
+def _keep_global_batch(target: int, cfg: TrainConfig) -> str:
+    """The one-key changes that give `cfg` the global batch `target` (for the resume refusal)."""
+    workers, micro, accum = cfg.cluster.max_workers, cfg.data.batch_size, cfg.train.grad_accum
+    options = []
+    if target % (micro * workers) == 0:
+        options.append(f"train.grad_accum={target // (micro * workers)}")
+    if target % (workers * accum) == 0:
+        options.append(f"data.batch_size={target // (workers * accum)}")
+    if target % (micro * accum) == 0:
+        options.append(f"cluster.num_workers={target // (micro * accum)}")
+    return "set " + " or ".join(options) if options else \
+        f"choose data.batch_size x cluster.num_workers x train.grad_accum = {target}"
