@@ -3,6 +3,9 @@
 Each entry below names a module with `register(subparsers)`; that function adds its subcommand(s)
 and sets `handler=` on them. Registration must stay cheap: heavy imports (torch, ray, deepspeed,
 mlflow) happen inside the handlers, so `dip --help` and bad flags answer instantly.
+
+Every subcommand takes its options, positionals and `key=value` overrides in any order
+(AnyOrderParser below: the one place that decides how `dip` parses).
 """
 from __future__ import annotations
 
@@ -21,8 +24,46 @@ COMMAND_MODULES = (
 )
 
 
+class AnyOrderParser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands accept options and positionals in any order.
+
+    Plain argparse fills a trailing `key=value ...` list only from the positionals before the first
+    option, then refuses the rest (`dip plan C.yaml --gpus 8 model.x=1`: "unrecognized arguments").
+    A leaf parser (one without subcommands of its own) therefore parses intermixed: options first,
+    then every remaining word as a positional. add_subparsers makes each subcommand's parser of its
+    parent's class, so every `dip` subcommand, nested ones included, parses this way.
+    """
+
+    _intermixing = False  # set while parse_known_intermixed_args calls back into parse_known_args
+
+    def _can_intermix(self) -> bool:
+        positionals = self._get_positional_actions()
+        in_groups = {id(a) for group in self._mutually_exclusive_groups for a in group._group_actions}
+        return (self._subparsers is None  # a command group: its subcommand's own parser intermixes
+                and all(a.nargs not in (argparse.PARSER, argparse.REMAINDER) for a in positionals)
+                and not any(id(a) in in_groups for a in positionals))
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or not self._can_intermix():
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "a YAML file (see configs/)") -> None:
+    """CONFIG.yaml [key=value ...]: the positionals of every command that loads a training config."""
+    parser.add_argument("config", help=config_help)
+    # default=[]: a '*' positional without one is "required" (argparse lists it as missing next to config)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="override any config key, e.g. train.max_steps=500 cluster.num_workers=4 "
+                             "(anywhere on the line, before or after the options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dip", description="Train and sample DiP pixel-space diffusion models.")
+    parser = AnyOrderParser(prog="dip", description="Train and sample DiP pixel-space diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -37,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse prints a usage error and exits 2 on bad flags
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2

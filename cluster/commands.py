@@ -8,6 +8,8 @@ import argparse
 import sys
 import time
 
+from cluster.cli import add_config_arguments
+
 ADDRESS_HELP = "the Ray job server, http://HEAD:8265 (default: $RAY_ADDRESS)"
 
 
@@ -32,8 +34,7 @@ def _register_submit(subparsers) -> None:
                "  dip submit configs/dip_xl16_256.yaml --address http://10.0.0.1:8265 \\\n"
                "      output_dir=/shared/runs checkpoint.path=s3://my-bucket/dip data.path=s3://my-bucket/imagenet-256\n"
                "  dip submit configs/quickstart_cpu.yaml output_dir=/tmp/runs --deps pip --env OMP_NUM_THREADS=1")
-    parser.add_argument("config", help="a YAML file inside this project (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for `dip train`")
+    add_config_arguments(parser, "a YAML file inside this project (see configs/)")
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
     parser.add_argument("--deps", choices=("image", "pip"), default="image",
                         help="image: the cluster's Python already has the pinned stack (checked when the job starts); "
@@ -192,8 +193,7 @@ def _register_plan(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  dip plan configs/dip_xl16_256.yaml --gpus 8 --gpu-memory 80GB\n"
                "  dip plan configs/dip_xl64_1024.yaml --gpus 8 --gpu-memory 80GB model.activation_checkpointing=false")
-    parser.add_argument("config", help="a YAML file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for `dip train`")
+    add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs (data-parallel ranks); default: cluster.num_workers")
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB, 24GiB (default 80GB)")
     parser.add_argument("--reserve", default="2GB",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cluster.cli import add_config_arguments
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -12,9 +14,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  dip train configs/quickstart_cpu.yaml\n"
                "  dip train configs/dip_xl16_256.yaml data.path=/data/imagenet-mds optim.lr=2e-4 run_name=xl16-a")
-    parser.add_argument("config", help="a YAML file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override any config key, e.g. train.max_steps=500 cluster.num_workers=4")
+    add_config_arguments(parser)
     parser.add_argument("--check", action="store_true", help="validate and print the resolved config, then exit")
     parser.set_defaults(handler=run)
 
