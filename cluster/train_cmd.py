@@ -13,7 +13,8 @@ def register(subparsers) -> None:
                     "Re-running the same command (same run_name) resumes from the newest committed checkpoint.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  dip train configs/quickstart_cpu.yaml\n"
-               "  dip train configs/dip_xl16_256.yaml data.path=/data/imagenet-mds optim.lr=2e-4 run_name=xl16-a")
+               "  dip train configs/dip_xl16_256.yaml data.path=/data/imagenet-mds optim.lr=2e-4 run_name=xl16-a\n"
+               "  dip train configs/dip_xl16_256.yaml --check cluster.num_workers=16   # the resolved config, no run")
     add_config_arguments(parser)
     parser.add_argument("--check", action="store_true", help="validate and print the resolved config, then exit")
     parser.set_defaults(handler=run)

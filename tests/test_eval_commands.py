@@ -96,6 +96,20 @@ def test_bad_eval_input_is_one_clear_line(tmp_path, capsys):
     assert "LO,HI" in capsys.readouterr().err
 
 
+def test_eval_run_checks_its_flags_against_the_checkpoint_before_starting_ray(tmp_path, capsys):
+    import ray
+
+    checkpoint = save_tiny_checkpoint(tmp_path / "run" / "step-5", num_classes=10, trained_at=32)
+    ref = str(tmp_path / "ref.npz")
+    run = lambda *flags: main(["eval", "run", str(checkpoint), "--ref", ref, *flags])  # noqa: E731
+    assert run("--image-size", "40") == 2
+    assert capsys.readouterr().err.strip() == ("dip eval: error: --image-size 40 is not a multiple of the model's "
+                                               "patch size 16: use e.g. 32 or 48")
+    assert run("--num-classes", "11") == 2
+    assert "--num-classes 11: the checkpoint's model has 10 classes" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
 @pytest.mark.slow  # starts its own Ray cluster in a subprocess
 def test_dip_eval_run_writes_an_adm_batch_and_prints_fid_last(tmp_path):
     from data.synthetic import reference_images
@@ -106,11 +120,11 @@ def test_dip_eval_run_writes_an_adm_batch_and_prints_fid_last(tmp_path):
     images, _ = reference_images(16, 32, 10)
     pool, spatial = InceptionFeatures()(images)
     ReferenceStats.from_features(pool.numpy(), spatial.numpy()).save(tmp_path / "ref.npz")
-    checkpoint = save_tiny_checkpoint(tmp_path / "run" / "step-5")
+    checkpoint = save_tiny_checkpoint(tmp_path / "run" / "step-5", trained_at=32)  # no --image-size: 32 from it
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "eval", "run", str(checkpoint), "--ref", str(tmp_path / "ref.npz"),
-         "--num-samples", "8", "--steps", "2", "--cfg", "1.5", "--interval", "0.1,0.9", "--image-size", "32",
+         "--num-samples", "8", "--steps", "2", "--cfg", "1.5", "--interval", "0.1,0.9",
          "--batch-size", "4", "--num-actors", "1", "--save-npz", str(tmp_path / "samples.npz"), "--fid-method", "eigh"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

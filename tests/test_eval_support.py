@@ -52,15 +52,22 @@ def tf1_resize_bilinear_reference(image: np.ndarray, out_h: int, out_w: int) -> 
     return top + (bottom - top) * dy
 
 
-def save_tiny_checkpoint(directory: Path, num_classes: int = 10, seed: int = 0) -> Path:
-    """A committed-checkpoint-style `step-N/ema.pt` of an untrained DiP-T/16."""
+def save_tiny_checkpoint(directory: Path, num_classes: int = 10, seed: int = 0, trained_at: int | None = None) -> Path:
+    """A committed-checkpoint-style `step-N/ema.pt` of an untrained DiP-T/16; with trained_at, also the
+    train_state.pt config of a run at that resolution (what `dip sample` / `dip eval run` default to)."""
     import torch
 
     from models.registry import create_model
+    from trainer.config import config_from_dict, to_dict
 
     torch.manual_seed(seed)
     model = create_model("DiP-T/16", num_classes=num_classes)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save({"model_config": dataclasses.asdict(model.config), "state_dict": model.state_dict()},
                directory / "ema.pt")
+    if trained_at is not None:
+        data = {"path": "synthetic", "resolution": trained_at, "synthetic_classes": num_classes}
+        run = config_from_dict({"model": {"name": "DiP-T/16", "num_classes": num_classes}, "data": data,
+                                "samples": {"num_classes": num_classes}})
+        torch.save({"config": to_dict(run)}, directory / "train_state.pt")
     return directory

@@ -10,6 +10,7 @@ from PIL import Image
 from cluster.cli import main
 from models import DiP, export_official_state_dict
 from models.registry import dip_config
+from tests.test_eval_support import save_tiny_checkpoint
 from trainer.model_io import infer_config, load_sampling_model
 
 
@@ -72,3 +73,61 @@ def test_checkpoint_root_resolves_to_the_newest_committed_step(tmp_path):
     loaded = load_sampling_model(str(tmp_path))
     key = "s_embedder.proj.bias"
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key] + 200)
+
+
+def test_sample_defaults_to_what_the_checkpoint_records_and_a_flag_wins(tmp_path, capsys):
+    """A 32-px run was sampled at 256 px (16 patches): the resolution and the labels now come from the
+    checkpoint; --resolution still wins, and one the model cannot take is refused before anything runs."""
+    from trainer.checkpoint_store import MARKER
+
+    step_dir = save_tiny_checkpoint(tmp_path / "checkpoints" / "step-5", num_classes=3, trained_at=32)
+    (step_dir / MARKER).write_text("{}")
+    out = tmp_path / "grid.png"
+    sample = lambda *flags: main(["sample", "--checkpoint", str(tmp_path / "checkpoints"), "--steps", "1",  # noqa: E731
+                                  "--out", str(out), *flags])
+    assert sample() == 0
+    assert Image.open(out).size == (64, 64)  # labels 0,1,2 (all 3 classes): a 2 x 2 grid of 32 px tiles
+    assert "3 samples, 32x32 (the resolution its run trained at)" in capsys.readouterr().out
+    assert sample("--resolution", "48") == 0 and Image.open(out).size == (96, 96)
+    capsys.readouterr()
+    out.unlink()
+    assert sample("--resolution", "40") == 2 and not out.exists()
+    assert capsys.readouterr().err.strip() == ("dip sample: error: --resolution 40 is not a multiple of the model's "
+                                               "patch size 16: use e.g. 32 or 48")
+    assert sample("--num-classes", "10") == 2 and not out.exists()
+    assert "the checkpoint's model has 3 classes" in capsys.readouterr().err
+
+
+def test_checkpoint_facts_of_every_format(tmp_path):
+    from trainer.model_io import TRAINED_WITH, checkpoint_facts
+
+    torch.manual_seed(0)
+    model, ema = DiP(dip_config("DiP-T/16", num_classes=7)), DiP(dip_config("DiP-T/16", num_classes=7))
+    exported = {"model_config": dataclasses.asdict(ema.config), "state_dict": ema.state_dict()}
+    torch.save({**exported, TRAINED_WITH: {"resolution": 48}}, tmp_path / "export.pt")
+    torch.save(exported, tmp_path / "old-export.pt")
+    torch.save(export_official_state_dict(model, ema), tmp_path / "authors.ckpt")
+    facts = {name: checkpoint_facts(str(tmp_path / name)) for name in ("export.pt", "old-export.pt", "authors.ckpt")}
+    assert {name: f.resolution for name, f in facts.items()} == {"export.pt": 48, "old-export.pt": None,
+                                                                  "authors.ckpt": None}
+    assert all(f.config == ema.config for f in facts.values())
+    assert facts["export.pt"].image_side(None, "--resolution")[0] == 48
+    assert facts["authors.ckpt"].image_side(None, "--resolution")[0] == 256  # nothing recorded: 16 patches a side
+    assert facts["authors.ckpt"].check_num_classes(5, "--num-classes") == 5  # fewer classes may be evaluated
+    with pytest.raises(ValueError, match="--num-classes 8: the checkpoint's model has 7 classes"):
+        facts["authors.ckpt"].check_num_classes(8, "--num-classes")
+
+
+@pytest.mark.slow  # the session's ZeRO-2 reference run (shared with the trainer fault tests)
+def test_a_real_run_samples_and_exports_at_its_training_resolution(zero2_reference, tmp_path, capsys):
+    from trainer.model_io import TRAINED_WITH
+
+    checkpoints = zero2_reference.checkpoint_dir  # tests.test_trainer_support.TINY: 16 px, 1 patch a side
+    out, exported = tmp_path / "grid.png", tmp_path / "model.pt"
+    assert main(["sample", "--checkpoint", checkpoints, "--labels", "0,1", "--steps", "1", "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 16)  # two 16 px tiles (512 x 256 before)
+    assert main(["export", checkpoints, "--out", str(exported)]) == 0
+    assert torch.load(exported, weights_only=True)[TRAINED_WITH] == {"resolution": 16}
+    out.unlink()
+    assert main(["sample", "--checkpoint", str(exported), "--labels", "0,1", "--steps", "1", "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 16)

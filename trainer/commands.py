@@ -4,7 +4,8 @@ CHECKPOINT is a committed `step-N/` directory, or a checkpoints directory (its n
 step is used). The default exports the EMA weights (what the paper samples with) as
 {"model_config": ..., "state_dict": ...}, the format `dip sample` loads; `--official` writes the
 authors' layout {"state_dict": {"denoiser.<key>": raw, "ema_denoiser.<key>": EMA}}; `--weights model`
-exports the raw (non-EMA) weights, consolidated from the ZeRO shards, instead of the EMA.
+exports the raw (non-EMA) weights, consolidated from the ZeRO shards, instead of the EMA. Both keep
+"trained_with": {"resolution": N} from the run's config, the resolution `dip sample` defaults to.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ def export(checkpoint: str, out: str, official: bool = False, weights: str = "em
     import torch
 
     from trainer.checkpoint_store import EMA_FILE
+    from trainer.model_io import TRAINED_WITH, trained_with
 
     step_dir, step = resolve_step_dir(checkpoint)
     payload = torch.load(os.path.join(step_dir, EMA_FILE), map_location="cpu", weights_only=True)
@@ -72,6 +74,7 @@ def export(checkpoint: str, out: str, official: bool = False, weights: str = "em
         result = export_official_state_dict(raw_model, ema_model)
     else:
         result = {"model_config": payload["model_config"], "state_dict": state_dict}
+    result[TRAINED_WITH] = trained_with(step_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(result, out)
     return step_dir

@@ -7,11 +7,15 @@
 - one of our committed checkpoint directories (step-N/, or a run's checkpoint root: the newest
   committed step is used).
 Everything is read with torch.load(weights_only=True).
+
+`checkpoint_facts` says, without building the model, what a checkpoint records about the run that
+trained it (the model config, the training resolution): `dip sample` and `dip eval run` default to it.
 """
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +23,8 @@ from models import DiP, DiPConfig, load_official_state_dict
 from models.official import EMA_PREFIX, RAW_PREFIX
 
 EMA_FILE = "ema.pt"
+TRAINED_WITH = "trained_with"  # in a `dip export` file: {"resolution": the run's data.resolution}
+DEFAULT_PATCHES = 16           # a side of this many patches when nothing records the resolution (256 px at /16)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -66,23 +72,101 @@ def resolve_checkpoint_path(path: str) -> str:
     return os.path.join(steps[-1], EMA_FILE)
 
 
-def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
-    """The EMA network in eval mode, from any supported checkpoint format."""
-    file = resolve_checkpoint_path(path)
+def _read_checkpoint(file: str, mmap: bool = False) -> dict:
+    """The checkpoint dict of `file`; with mmap, tensors stay on disk until touched (shapes only)."""
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, or a pickle that is more than weights
+        if mmap:  # a legacy (pre-zip) file cannot be mapped: read it whole
+            return _read_checkpoint(file)
         raise ValueError(f"cannot read checkpoint {file!r} as weights: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{file!r} is not a checkpoint dict")
+    return checkpoint
+
+
+def _authors_network(checkpoint: dict) -> tuple[dict, bool]:
+    """The network weights of an authors'-layout (or bare) state dict, and whether they are the EMA."""
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = EMA_PREFIX if any(k.startswith(EMA_PREFIX) for k in state) else RAW_PREFIX
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state, prefix == EMA_PREFIX
+
+
+def _model_config(checkpoint: dict) -> DiPConfig:
+    if "model_config" in checkpoint:  # ours: ema.pt, `dip export`
+        return DiPConfig(**checkpoint["model_config"])
+    return infer_config(_authors_network(checkpoint)[0])
+
+
+def trained_with(step_dir: str) -> dict:
+    """What a committed step's train_state.pt records about its run: {"resolution": N}, or {}."""
+    from trainer.checkpoint_store import TRAIN_STATE  # the trainer owns the checkpoint layout
+
+    path = os.path.join(step_dir, TRAIN_STATE)
+    if not os.path.isfile(path):
+        return {}
+    data = (_read_checkpoint(path, mmap=True).get("config") or {}).get("data") or {}
+    return {"resolution": int(data["resolution"])} if data.get("resolution") else {}
+
+
+def sampling_side(config: DiPConfig, requested: int | None, trained: int | None, flag: str) -> tuple[int, str]:
+    """(image side, where it came from): the flag, else the training resolution, else DEFAULT_PATCHES
+    patches a side. A side the model cannot cut into patches is refused, naming the nearest valid ones."""
+    patch = config.patch_size
+    if requested is not None:
+        side, source = requested, flag
+    elif trained is not None:
+        side, source = trained, "the resolution its run trained at"
+    else:
+        side, source = DEFAULT_PATCHES * patch, f"{DEFAULT_PATCHES} patches a side; no training resolution recorded"
+    if side < patch or side % patch:
+        below = max(patch, side // patch * patch)
+        raise ValueError(f"{flag} {side} is not a multiple of the model's patch size {patch}: "
+                         f"use e.g. {below} or {below + patch}")
+    return side, source
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint records: its model, and the run's training resolution (None: not recorded,
+    e.g. the authors' file)."""
+    file: str
+    config: DiPConfig
+    resolution: int | None
+
+    def image_side(self, requested: int | None, flag: str) -> tuple[int, str]:
+        return sampling_side(self.config, requested, self.resolution, flag)
+
+    def check_num_classes(self, requested: int | None, flag: str) -> int:
+        """The classes to sample: the model's, or fewer when asked; more than the model has is refused."""
+        have = self.config.num_classes
+        if requested is None:
+            return have
+        if not 1 <= requested <= have:
+            raise ValueError(f"{flag} {requested}: the checkpoint's model has {have} classes (0..{have - 1}); "
+                             f"choose 1..{have} or leave it out")
+        return requested
+
+
+def checkpoint_facts(path: str) -> CheckpointFacts:
+    """CheckpointFacts of any supported checkpoint, read without loading its weights."""
+    file = resolve_checkpoint_path(path)
+    checkpoint = _read_checkpoint(file, mmap=True)
+    config = _model_config(checkpoint)
+    recorded = checkpoint.get(TRAINED_WITH)
+    if not isinstance(recorded, dict):  # ema.pt of a step-N/: its train_state.pt holds the run's config
+        recorded = trained_with(os.path.dirname(file)) if os.path.basename(file) == EMA_FILE else {}
+    return CheckpointFacts(file, config, recorded.get("resolution"))
+
+
+def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
+    """The EMA network in eval mode, from any supported checkpoint format."""
+    checkpoint = _read_checkpoint(resolve_checkpoint_path(path))
+    model = DiP(_model_config(checkpoint))
     if "model_config" in checkpoint:
-        model = DiP(DiPConfig(**checkpoint["model_config"]))
         load_official_state_dict(model, checkpoint["state_dict"])
     else:
-        state = checkpoint.get("state_dict", checkpoint)
-        prefix = EMA_PREFIX if any(k.startswith(EMA_PREFIX) for k in state) else RAW_PREFIX
-        network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} or state
-        model = load_official_state_dict(DiP(infer_config(network)), checkpoint, ema=prefix == EMA_PREFIX)
+        load_official_state_dict(model, checkpoint, ema=_authors_network(checkpoint)[1])
     # Not frozen with requires_grad_(False): autocast caches its bf16 weight casts only for
     # leaves that require grad, and sampling already runs under no_grad.
     return model.to(device).eval()

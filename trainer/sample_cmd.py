@@ -1,4 +1,8 @@
-"""`dip sample`: sample a PNG grid from a checkpoint (the authors' format or ours) with EMA weights."""
+"""`dip sample`: sample a PNG grid from a checkpoint (the authors' format or ours) with EMA weights.
+
+Resolution and classes default to what the checkpoint records (trainer.model_io.checkpoint_facts):
+the resolution its run trained at, the classes of its model. A flag wins; one the model cannot
+take is refused."""
 from __future__ import annotations
 
 import argparse
@@ -32,14 +36,18 @@ def register(subparsers) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="authors' .ckpt, a `dip export` file, or a step-N/ / run checkpoint dir")
     source.add_argument("--init-model", metavar="SIZE", help="a freshly initialised model of this size (smoke tests)")
-    p.add_argument("--labels", type=_labels, default=[0, 1, 2, 3], help="class labels, comma-separated")
+    p.add_argument("--labels", type=_labels, default=None,
+                   help="class labels, comma-separated (default: the first 4 classes of the model)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (paper: 2.9)")
     p.add_argument("--interval", type=parse_interval, default=(0.0, 1.0), help="guidance interval LO,HI (paper: 0.11,0.97)")
     p.add_argument("--timeshift", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: 16 patches a side)")
-    p.add_argument("--num-classes", type=int, default=10, help="classes of an --init-model")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels, a multiple of the patch size (default: the resolution the "
+                        "checkpoint's run trained at; 16 patches a side when the file does not record it)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of an --init-model (default 10); a checkpoint's model has its own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
@@ -56,24 +64,30 @@ def run(args) -> int:
 
     from models.registry import create_model
     from models.sampling import sample, to_uint8
-    from trainer.model_io import load_sampling_model
+    from trainer.model_io import checkpoint_facts, load_sampling_model, sampling_side
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    if args.checkpoint:
-        model = load_sampling_model(args.checkpoint, device)
+    if args.checkpoint:  # every flag is checked against what the checkpoint records before loading it
+        facts = checkpoint_facts(args.checkpoint)
+        if args.num_classes not in (None, facts.config.num_classes):
+            raise ValueError(f"--num-classes {args.num_classes}: the checkpoint's model has "
+                             f"{facts.config.num_classes} classes (--num-classes is for --init-model)")
+        side, side_from = facts.image_side(args.resolution, "--resolution")
+        model = load_sampling_model(facts.file, device)
     else:
         torch.manual_seed(args.seed)
-        model = create_model(args.init_model, num_classes=args.num_classes).to(device).eval()
+        num_classes = 10 if args.num_classes is None else args.num_classes
+        model = create_model(args.init_model, num_classes=num_classes).to(device).eval()
+        side, side_from = sampling_side(model.config, args.resolution, None, "--resolution")
     config = model.config
+    if args.labels is None:
+        args.labels = list(range(min(4, config.num_classes)))
     bad = [y for y in args.labels if not 0 <= y <= config.num_classes]
     if bad:
         raise ValueError(f"--labels {bad} outside 0..{config.num_classes} ({config.num_classes} = null label)")
-    side = args.resolution or 16 * config.patch_size
-    if side % config.patch_size:
-        raise ValueError(f"--resolution {side} is not a multiple of the patch size {config.patch_size}")
 
     net = model
     if args.compile:
@@ -104,5 +118,6 @@ def run(args) -> int:
         grid.paste(Image.fromarray(image), ((i % cols) * side, (i // cols) * side))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     grid.save(args.out)
-    print(f"wrote {args.out} ({len(pixels)} samples, {side}x{side}, {args.steps} {args.method} steps, cfg {args.cfg})")
+    print(f"wrote {args.out} ({len(pixels)} samples, {side}x{side} ({side_from}), {args.steps} {args.method} steps, "
+          f"cfg {args.cfg})")
     return 0

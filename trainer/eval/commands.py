@@ -2,6 +2,8 @@
 offline evaluation of a checkpoint on the Ray eval pool. Heavy imports happen inside the handlers."""
 from __future__ import annotations
 
+import os
+
 from trainer.sample_cmd import parse_interval
 
 IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the Inception Score is not computed"
@@ -45,8 +47,11 @@ def register(subparsers) -> None:
     run.add_argument("--interval", type=parse_interval, default=(0.0, 1.0), help="guidance interval LO,HI")
     run.add_argument("--timeshift", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--image-size", type=int, default=256)
-    run.add_argument("--num-classes", type=int, default=None, help="default: the model's")
+    run.add_argument("--image-size", type=int, default=None,
+                     help="a multiple of the patch size (default: the resolution the checkpoint's run trained "
+                          "at; 16 patches a side when the file does not record it)")
+    run.add_argument("--num-classes", type=int, default=None,
+                     help="evaluate the first N classes (default: all of the model's)")
     run.add_argument("--batch-size", type=int, default=64, help="samples per work unit")
     run.add_argument("--num-actors", type=int, default=1)
     run.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -147,12 +152,19 @@ def _stats_file(path: str):
 def _run(args) -> int:
     import ray
 
+    from trainer.model_io import checkpoint_facts
+
     from .pool import EvalPool
     from .spec import SamplingSpec
 
+    image_size, num_classes = args.image_size, args.num_classes
+    if image_size is None or os.path.exists(args.checkpoint):  # else only the cluster's nodes can read it
+        facts = checkpoint_facts(args.checkpoint)  # checked here, before any actor starts
+        image_size, _ = facts.image_side(image_size, "--image-size")
+        num_classes = facts.check_num_classes(num_classes, "--num-classes")
     spec = SamplingSpec(steps=args.steps, method=args.method, cfg_scale=args.cfg, cfg_interval=args.interval,
                         timeshift=args.timeshift, num_samples=args.num_samples, seed=args.seed,
-                        batch_size=args.batch_size, num_classes=args.num_classes, image_size=args.image_size)
+                        batch_size=args.batch_size, num_classes=num_classes, image_size=image_size)
     resources = {"num_cpus": args.cpus_per_actor}
     if args.gpus_per_actor > 0:
         resources["num_gpus"] = args.gpus_per_actor
