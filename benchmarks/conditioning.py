@@ -91,7 +91,7 @@ def _train(rank: int, world: int, steps: int, port: str, queue, init: str) -> No
     images, labels = reference_images(2000, 32, 10, seed=0)
     images = to_pm1(images)
     probe = _probe_images()
-    engine = build_engine(cfg, module, world)
+    engine = build_engine(cfg, module, cfg.batch_split(world))
     order = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
     mine = slice(rank * per_rank, (rank + 1) * per_rank)
     for step in range(1, steps + 1):

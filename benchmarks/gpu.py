@@ -13,7 +13,7 @@ then writes a JSON and prints a line for benchmarks/RESULTS.md (device, date, to
     python benchmarks/gpu.py --compile           # torch.compile the denoiser (eager fallback if it fails)
     python benchmarks/gpu.py --engine torch      # no DeepSpeed installed: plain AdamW + bf16 autocast (labelled)
 
-The training step is the trainer's: engine(pixels, labels, generator) -> backward -> step, then the
+The training step is the trainer's: engine(pixels, labels, keyed draws) -> backward -> step, then the
 EMA update (trainer/worker.py TrainingRun.train_step), fed from device-resident random batches so
 that only the model step is timed (the data pipeline has its own benchmark).
 """
@@ -42,6 +42,7 @@ from models.flops import dip_flops  # noqa: E402
 from models.registry import create_model, dip_config  # noqa: E402
 from models.speed import compile_state, maybe_compile, time_sampling  # noqa: E402
 from trainer.mfu import device_name, mfu_report, peak_for_device_name  # noqa: E402
+from trainer.rng import keyed_draws  # noqa: E402
 
 BASE_CONFIG = os.path.join(REPO, "configs", "dip_xl16_256.yaml")
 PAPER_CFG_SCALE, PAPER_CFG_INTERVAL = 2.9, (0.11, 0.97)
@@ -139,7 +140,7 @@ def build_training(cfg, device: torch.device, engine_kind: str, compile_model: b
     ema = EMA(module.denoiser, cfg.optim.ema_decay)   # as the worker: from the initial weights
     if engine_kind == "deepspeed":
         init_single_process_group(device)
-        engine = build_engine(cfg, module, world_size=1)
+        engine = build_engine(cfg, module, cfg.batch_split(1))
     else:
         engine = TorchEngine(module, cfg, device)
     ema.module.to(device)
@@ -163,7 +164,7 @@ def time_training(model_name: str, args, device: torch.device) -> dict:
 def _time_training_at(model_name: str, batch: int, args, device: torch.device) -> dict:
     cfg = train_config(model_name, args.resolution, batch, args.precision)
     input_dtype = torch.bfloat16 if args.precision == "bf16" and args.engine == "deepspeed" else torch.float32
-    generator = torch.Generator(device=device).manual_seed(0)
+    keys = [f"sample-{i}" for i in range(batch)]  # the trainer keys each sample's t / noise / dropout draws
     g = torch.Generator().manual_seed(1)
     # a few distinct batches, resident on the device: only the step is timed
     batches = [(torch.rand(batch, 3, args.resolution, args.resolution, generator=g).mul(2).sub(1)
@@ -174,7 +175,7 @@ def _time_training_at(model_name: str, batch: int, args, device: torch.device) -
 
     def step(i: int) -> torch.Tensor:
         pixels, labels = batches[i % len(batches)]
-        loss, _parts = engine(pixels, labels, generator)
+        loss, _parts = engine(pixels, labels, keyed_draws(0, i, keys, tuple(pixels.shape[1:]), device))
         engine.backward(loss)
         engine.step()
         if not args.no_ema:

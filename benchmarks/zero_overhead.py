@@ -27,6 +27,7 @@ def _rank(rank: int, world: int, stage: int, port: int, queue) -> None:
 
     from data.records import to_pm1
     from data.synthetic import reference_images
+    from trainer.rng import keyed_draws
     from trainer.config import load_config
     from trainer.engine import build_engine, build_objective_module
 
@@ -38,12 +39,12 @@ def _rank(rank: int, world: int, stage: int, port: int, queue) -> None:
     module = build_objective_module(cfg)
     images, labels = reference_images(8, 32, 10, seed=rank)
     images = to_pm1(images)
-    engine = build_engine(cfg, module, world)
-    generator = torch.Generator().manual_seed(rank)
+    engine = build_engine(cfg, module, cfg.batch_split(world))
+    keys = [f"{rank}-{i}" for i in range(len(labels))]
     times = {"forward": [], "backward": [], "step": []}
     for index in range(WARMUP + STEPS):
         t0 = time.perf_counter()
-        loss, _ = engine(images, labels, generator)
+        loss, _ = engine(images, labels, keyed_draws(0, index, keys, tuple(images.shape[1:]), "cpu"))
         t1 = time.perf_counter()
         engine.backward(loss)
         t2 = time.perf_counter()

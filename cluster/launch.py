@@ -57,7 +57,8 @@ class ResumePlan:
 
 def plan_resume(cfg: TrainConfig, store: CheckpointStore) -> ResumePlan:
     """Decide, before any worker starts, whether this run continues a checkpoint, and refuse clearly
-    when it cannot (a different model shape, ZeRO stage or world size)."""
+    when it cannot (a different model shape, ZeRO stage or global batch). Another world size is fine:
+    the workers re-partition the ZeRO state and the data (trainer.checkpoint)."""
     from trainer.checkpoint import load_train_state
 
     latest = store.latest_committed(warn=True)
@@ -69,14 +70,10 @@ def plan_resume(cfg: TrainConfig, store: CheckpointStore) -> ResumePlan:
                               "checkpoint.resume=never: choose another run_name, or delete the checkpoints")
     state = load_train_state(store, latest)
     problems = resume_incompatibilities(state["config"], cfg)
-    saved_world = int(state["world_size"])
-    if saved_world != cfg.cluster.num_workers and cfg.train.zero_stage != 0:
-        problems.append(f"cluster.num_workers was {saved_world}, now {cfg.cluster.num_workers}: ZeRO-"
-                        f"{cfg.train.zero_stage} optimizer shards resume only on the same world size (ZeRO-0 resumes on any)")
     if problems:
         raise ValueError(f"cannot resume run {cfg.run_name!r} from {where}: " + "; ".join(problems)
                          + ". Use another run_name to start afresh.")
-    notes = [f"resuming from {where} (step {state['step']})"]
+    notes = [f"resuming from {where} (step {state['step']}, written by {state['world_size']} workers)"]
     if state.get("config_hash") != config_hash(cfg):
         notes.append("the config changed since that checkpoint (compatible changes only)")
     return ResumePlan(latest, state.get("mlflow_run_id"), notes)
@@ -155,98 +152,146 @@ class _StopOnSignal:
         return False
 
 
-def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
-    """Run (or resume) a training run to its end. Blocks; returns where everything is."""
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass
+class PreparedRun:
+    """Everything decided before Ray starts: where things go, what resumes, the workers' config."""
+    cfg: TrainConfig                 # the user's config
+    worker_cfg: TrainConfig          # the same, with data.path pointing at prepared shards
+    paths: RunPaths
+    store: CheckpointStore
+    plan: ResumePlan
 
+
+def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
+    """Paths, resume decision (refused clearly before anything starts), the config on disk, the shards."""
     import data
-    from trainer.eval_hook import EvalHook
-    from trainer.tracking import RunLogger, finish_run, git_commit, open_run
-    from trainer.worker import train_loop_per_worker
 
-    started = time.monotonic()
     paths = run_paths(cfg)
     os.makedirs(paths.run_dir, exist_ok=True)
     store = CheckpointStore(paths.checkpoint_uri)
-    store.clear_stop_request()  # a stale request of an earlier, stopped attempt
+    store.clear_stop_request()  # stale requests of an earlier, stopped attempt
+    store.clear_resize_request()
     plan = plan_resume(cfg, store)
-
     echo(f"dip train: run {cfg.run_name!r} in {paths.run_dir}")
     echo(f"batch: {cfg.batch_arithmetic()}")
+    if cfg.cluster.elastic:
+        echo(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; the global batch of "
+             f"{cfg.global_batch} is kept at every size (the accumulation is re-solved at each restart)")
     echo("resolved config:\n" + "\n".join("  " + line for line in to_yaml(cfg).splitlines()))
     for note in plan.notes:
         echo(f"dip train: {note}")
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
-
     data_cfg = data.prepare_dataset(cfg.data, os.path.join(paths.run_dir, "data"))
-    run_cfg = replace(cfg, data=data_cfg)  # the workers read the prepared shards
+    return PreparedRun(cfg, replace(cfg, data=data_cfg), paths, store, plan)
 
-    device_kind = "cuda" if cfg.cluster.use_gpu else "cpu"
-    tags = {"git_commit": git_commit(REPO_ROOT), "world_size": str(cfg.cluster.num_workers),
-            "zero_stage": str(cfg.train.zero_stage), "device_kind": device_kind, "config_hash": config_hash(cfg),
-            "precision": cfg.train.precision}
-    run_id = open_run(paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags,
-                      paths.artifact_dir, plan.mlflow_run_id)
-    driver_log = RunLogger(paths.tracking_uri, run_id)
-    driver_log.log_artifact(os.path.join(paths.run_dir, "config.yaml"),
-                            "config" if plan.step is None else f"config/resume-{step_name(plan.step)}")
 
+def open_tracking(run: PreparedRun):
+    """The run's MLflow run (reopened on resume) and the driver's background logger."""
+    from trainer.tracking import RunLogger, git_commit, open_run
+
+    cfg = run.cfg
+    tags = {"git_commit": git_commit(REPO_ROOT), "zero_stage": str(cfg.train.zero_stage),
+            "device_kind": "cuda" if cfg.cluster.use_gpu else "cpu", "config_hash": config_hash(cfg),
+            "precision": cfg.train.precision, "global_batch": str(cfg.global_batch),
+            "workers": str(cfg.cluster.num_workers if not cfg.cluster.elastic else list(cfg.cluster.num_workers))}
+    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags,
+                      run.paths.artifact_dir, run.plan.mlflow_run_id)
+    driver_log = RunLogger(run.paths.tracking_uri, run_id)
+    driver_log.log_artifact(os.path.join(run.paths.run_dir, "config.yaml"),
+                            "config" if run.plan.step is None else f"config/resume-{step_name(run.plan.step)}")
+    return run_id, driver_log
+
+
+def build_trainer(run: PreparedRun, run_id: str):
+    """Ray Train's TorchTrainer: fixed or elastic scaling, restarts on failure, our worker loop."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.worker import train_loop_per_worker
+
+    cfg, paths = run.cfg, run.paths
+    scaling = {"num_workers": cfg.cluster.num_workers, "use_gpu": cfg.cluster.use_gpu,
+               "resources_per_worker": {"CPU": cfg.cluster.cpus_per_worker}}
+    callbacks = []
+    if cfg.cluster.elastic:
+        from cluster.elastic import checkpoint_before_grow
+
+        scaling["elastic_resize_monitor_interval_s"] = cfg.cluster.resize_check_s
+        callbacks.append(checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(run.worker_cfg),
+                           "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,
+                                       "tracking_uri": paths.tracking_uri, "mlflow_run_id": run_id,
+                                       "config_hash": config_hash(cfg)}},
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(**scaling),
+        run_config=RunConfig(name=cfg.run_name, storage_path=paths.ray_storage,
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             worker_runtime_env={"env_vars": _worker_env()}, callbacks=callbacks),
+    )
+
+
+def fit_until_done(trainer, store: CheckpointStore, eval_hook) -> tuple[object, bool]:
+    """trainer.fit() in a thread while the driver polls the eval pool and turns signals into stop
+    requests. Returns (Ray's Result, whether a stop was requested); re-raises the fit's error here."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # re-raised in the driver's thread below
+            outcome["error"] = err
+
+    with _StopOnSignal(store) as stopper:
+        runner = threading.Thread(target=fit, name="dip-fit", daemon=True)
+        runner.start()
+        while runner.is_alive():
+            runner.join(timeout=1.0)
+            eval_hook.poll()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], stopper.requested
+
+
+def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
+    """Run (or resume) a training run to its end. Blocks; returns where everything is.
+    prepare -> track -> start Ray -> fit (with the eval pool) -> close everything in `finally`."""
+    import ray
+
+    from trainer.eval_hook import EvalHook
+    from trainer.tracking import finish_run
+
+    started = time.monotonic()
+    run = prepare_run(cfg, echo)
+    run_id, driver_log = open_tracking(run)
     started_ray = _start_ray(cfg, echo)
     eval_hook = None
     status, result, error = "FAILED", None, None
     try:
-        eval_hook = EvalHook(cfg, store, driver_log)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"config": to_dict(run_cfg),
-                               "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,
-                                           "tracking_uri": paths.tracking_uri, "mlflow_run_id": run_id,
-                                           "config_hash": config_hash(cfg)}},
-            torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                         resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-            run_config=RunConfig(name=cfg.run_name, storage_path=paths.ray_storage,
-                                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                                 worker_runtime_env={"env_vars": _worker_env()}),
-        )
-        outcome: dict = {}
-
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as err:  # re-raised in the driver's thread below
-                outcome["error"] = err
-
-        with _StopOnSignal(store) as stopper:
-            runner = threading.Thread(target=fit, name="dip-fit", daemon=True)
-            runner.start()
-            while runner.is_alive():
-                runner.join(timeout=1.0)
-                eval_hook.poll()
-        if "error" in outcome:
-            error = outcome["error"]
-            raise error
-        result = outcome["result"]
+        eval_hook = EvalHook(cfg, run.store, driver_log)
+        result, stop_requested = fit_until_done(build_trainer(run, run_id), run.store, eval_hook)
         metrics = dict(result.return_value or {})
-        status = "STOPPED" if (metrics.get("stopped") or stopper.requested) else "FINISHED"
+        status = "STOPPED" if (metrics.get("stopped") or stop_requested) else "FINISHED"
+    except BaseException as err:
+        error = err
+        raise
     finally:
         if eval_hook is not None:
             eval_hook.close(wait_s=0.0 if error else 600.0)
-        store.clear_stop_request()
-        latest = store.latest_committed(warn=False)
+        run.store.clear_stop_request()
+        latest = run.store.latest_committed(warn=False)
         if status != "FAILED":
-            _write_model_card(cfg, paths, run_id, latest, result, driver_log)
+            _write_model_card(cfg, run.paths, run_id, latest, result, driver_log)
         driver_log.close(cfg.tracking.flush_timeout_s)
-        finish_run(paths.tracking_uri, run_id, {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
+        finish_run(run.paths.tracking_uri, run_id, {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
         if started_ray:
             ray.shutdown()
     metrics = dict(result.return_value or {}) if result is not None else {}
     summary = RunSummary(cfg.run_name, status, int(metrics.get("step", 0)), time.monotonic() - started,
-                         store.display(), store.display(latest) if latest is not None else None,
-                         paths.tracking_uri, run_id, metrics.get("sample_grid"), metrics)
+                         run.store.display(), run.store.display(latest) if latest is not None else None,
+                         run.paths.tracking_uri, run_id, metrics.get("sample_grid"), metrics)
     echo(format_summary(summary))
     return summary
 

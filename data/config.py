@@ -37,6 +37,10 @@ class DataConfig:
     pin_memory: bool | None = None     # None = on when CUDA is available
     prefetch_factor: int = 2           # batches prefetched per worker
     download_timeout_s: float = 120.0  # per remote file
+    # MDS: mosaicml-streaming's canonical node count, which fixes the global sample order. 0 = the node
+    # count at the run's first start (kept in the resume state after that). A run whose node count
+    # changes (elastic) needs a value that every node count divides or is divided by.
+    canonical_nodes: int = 0
 
     def __post_init__(self) -> None:
         _check_type(self, "path", str)
@@ -55,6 +59,7 @@ class DataConfig:
         _check_int(self, "synthetic_images", minimum=1)
         _check_int(self, "synthetic_classes", minimum=1)
         _check_int(self, "prefetch_factor", minimum=1)
+        _check_int(self, "canonical_nodes", minimum=0)
         for name in ("hflip", "shuffle"):
             _check_type(self, name, bool)
         if self.pin_memory is not None:

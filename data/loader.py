@@ -142,7 +142,8 @@ class _MdsBackend:
         self.dataset = DecodingStreamingDataset(
             resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
             local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,
-            shuffle_seed=config.seed, num_canonical_nodes=nodes, download_timeout=config.download_timeout_s)
+            shuffle_seed=config.seed, num_canonical_nodes=config.canonical_nodes or nodes,
+            download_timeout=config.download_timeout_s)
         self.epoch = 0
         self.offset = 0   # global samples of this epoch consumed before this process resumed it
         self.yielded = 0  # samples this rank yielded in this epoch since then

@@ -60,7 +60,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
         before = _live_tensor_bytes()
         module = build_objective_module(cfg)
         ema = EMA(module.denoiser, cfg.optim.ema_decay) if rank == 0 else None  # as trainer/worker.py
-        engine = build_engine(cfg, module, WORLD)
+        engine = build_engine(cfg, module, cfg.batch_split(WORLD))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         pixels = torch.randn(1, 3, 32, 32).to(dtype)
         labels = torch.zeros(1, dtype=torch.long)

@@ -1,4 +1,4 @@
-"""Resuming on another world size: what we support (ZeRO-0) and what we refuse (ZeRO 1-3)."""
+"""Resuming by hand on another world size: the global batch decides, not the worker count."""
 import pytest
 import torch
 
@@ -7,28 +7,40 @@ from tests.test_trainer_support import metric_history, ray_cluster, tiny_config 
 pytestmark = pytest.mark.slow
 
 
-def test_zero0_checkpoint_of_two_workers_resumes_on_one(tmp_path, ray_cluster):  # noqa: F811
+def test_a_zero2_run_of_two_workers_resumes_on_one_when_the_global_batch_is_kept(tmp_path, ray_cluster):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
     from cluster.launch import launch, plan_resume
     from trainer.checkpoint import load_train_state
     from trainer.checkpoint_store import CheckpointStore
+    from trainer.zero_state import ZeroCheckpoint
 
-    first = launch(tiny_config(tmp_path, "elastic", ["train.zero_stage=0", "train.max_steps=4"]))
+    first = launch(tiny_config(tmp_path, "by-hand", ["train.max_steps=4"]))  # 2 workers x micro-batch 2
     assert first.status == "FINISHED" and first.steps == 4
     store = CheckpointStore(first.checkpoint_dir)
-    before = torch.load(store.step_path(4) + "/mp_rank_00_model_states.pt", weights_only=True)["module"]
+    saved = ZeroCheckpoint(store.step_path(4))
+    assert saved.world_size == 2 and saved.optimizer_step == 4
 
-    # ZeRO-2 shards would be refused on one worker; ZeRO-0 holds the whole optimizer in one file
-    with pytest.raises(ValueError, match="ZeRO-2 optimizer shards resume only on the same world size"):
-        plan_resume(tiny_config(tmp_path, "elastic", ["train.zero_stage=2", "cluster.num_workers=1"]), store)
+    # one worker alone would halve the global batch: refused, naming the keys that keep it
+    with pytest.raises(ValueError, match=r"the global batch was 4 .* now 2 .*set train.grad_accum=2 or "
+                                         r"data.batch_size=4 or cluster.num_workers=2"):
+        plan_resume(tiny_config(tmp_path, "by-hand", ["cluster.num_workers=1"]), store)
 
-    second = launch(tiny_config(tmp_path, "elastic", ["train.zero_stage=0", "train.max_steps=8",
-                                                      "cluster.num_workers=1"]))
+    second = launch(tiny_config(tmp_path, "by-hand", ["train.max_steps=8", "cluster.num_workers=1",
+                                                      "train.grad_accum=2"]))
     assert second.status == "FINISHED" and second.steps == 8
-    assert second.mlflow_run_id == first.mlflow_run_id
+    assert second.mlflow_run_id == first.mlflow_run_id  # one MLflow run across the resize
     state = load_train_state(store, 8)
     assert state["world_size"] == 1 and len(state["ranks"]) == 1
-    assert state["samples_seen"] == 4 * 2 * 2 + 4 * 1 * 2  # 4 steps of 2 workers, then 4 steps of 1
-    after = torch.load(store.step_path(8) + "/mp_rank_00_model_states.pt", weights_only=True)["module"]
-    assert any(not torch.equal(before[k], after[k]) for k in before)  # it kept training from the loaded weights
-    losses = metric_history(second.tracking_uri, second.mlflow_run_id)
-    assert sorted(losses) == list(range(1, 9))
+    assert state["batch_split"] == {"micro_batch": 2, "world_size": 1, "grad_accum": 2}
+    assert state["samples_seen"] == 8 * 4 and state["resizes"] == 1
+    resumed = ZeroCheckpoint(store.step_path(8))
+    assert resumed.world_size == 1 and resumed.optimizer_step == 8  # AdamW's step count carried on, not reset
+    assert any(not torch.equal(saved.full(n), resumed.full(n)) for n in saved.names())
+    assert sorted(metric_history(second.tracking_uri, second.mlflow_run_id)) == list(range(1, 9))
+    world = metric_history(second.tracking_uri, second.mlflow_run_id, "world_size")
+    assert world[1] == [2.0] and world[8] == [1.0]
+    assert metric_history(second.tracking_uri, second.mlflow_run_id, "grad_accum")[8] == [2.0]
+    tags = MlflowClient(second.tracking_uri).get_run(second.mlflow_run_id).data.tags
+    assert tags["resize.1"].startswith("step 4: 2 -> 1 workers (restarted by hand with cluster.num_workers=1)")
+    assert tags["world_size"] == "1"

@@ -1,12 +1,22 @@
-"""Saving and restoring a whole training state: DeepSpeed shards, EMA, data position, RNG.
+"""Saving and restoring a whole training state: `CheckpointManager` owns both, over components.
+
+What a checkpoint holds, per step-N/ directory:
+* the DeepSpeed engine's files (module, ZeRO optimizer shards, LR schedule): every rank;
+* ema.pt (the sampling model, `dip sample`'s format) and train_state.pt (progress counters, the
+  config, the batch split, and every rank's data-loader and RNG state): rank 0.
 
 A save runs in two phases. The *snapshot* (blocking, every rank): DeepSpeed's save_checkpoint is
 pointed at a capturing checkpoint engine that copies each state dict to host memory instead of
-writing it; rank 0 adds the EMA (ema.pt) and the train state (train_state.pt) with every rank's
-data-loader and RNG state. The *write* (inline, or in a background thread when async): each rank
-writes its files and reports them; rank 0 waits for every rank's report, writes the COMMITTED
-marker last, then prunes old checkpoints. A crash anywhere in the write leaves an uncommitted
-directory that is never loaded, and the previous checkpoint intact.
+writing it. The *write* (inline, or in a background thread when async): each rank writes its files
+and reports them; rank 0 waits for every rank's report, writes the COMMITTED marker last, then
+prunes old checkpoints. A crash anywhere in the write leaves an uncommitted directory that is never
+loaded, and the previous checkpoint intact.
+
+A restore reads the newest committed step. On the world size that wrote it, DeepSpeed loads its own
+shards; on another (an elastic resize, or a run restarted by hand with another
+cluster.num_workers), ZeRO-1/2/3 state is re-partitioned exactly by trainer.zero_state, the data
+loader deals the rest of the epoch out over the new ranks, and the progress counters, EMA and LR
+schedule continue.
 """
 from __future__ import annotations
 
@@ -19,6 +29,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +38,7 @@ import torch.distributed as dist
 
 from trainer import faults
 from trainer.checkpoint_store import EMA_FILE, TRAIN_STATE, CheckpointStore, step_name
+from trainer.rng import capture_rng, restore_rng
 
 log = logging.getLogger("dip.checkpoint")
 
@@ -135,7 +147,8 @@ def snapshot_engine(engine, step: int, staging_dir: str) -> list[tuple[str, Any]
 
 
 def load_engine(engine, local_step_dir: str) -> None:
-    """Restore module, optimizer and LR scheduler from a local step-N directory (weights_only)."""
+    """Restore module, optimizer and LR scheduler from a local step-N directory written by the same
+    world size (DeepSpeed's own loader, reading with weights_only)."""
     _, safe_cls = _engine_classes()
     original = engine.checkpoint_engine
     engine.checkpoint_engine = safe_cls()
@@ -165,10 +178,40 @@ def ema_file_payload(model_config, ema_state_dict: dict) -> dict:
 
 
 @dataclass
-class RankState:
-    """What one rank contributes to train_state.pt."""
-    data: dict
-    rng: dict
+class TrainProgress:
+    """The loop's own counters: a component with its state like the others."""
+    step: int = 0
+    samples_seen: int = 0
+    last_loss: float | None = None
+    resizes: int = 0          # world-size changes so far (each one is logged, numbered, in MLflow)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "last_loss": self.last_loss,
+                "resizes": self.resizes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.last_loss = state.get("last_loss")
+        self.resizes = int(state.get("resizes", 0))
+
+
+@dataclass
+class RunIdentity:
+    """What a checkpoint records about the run that wrote it (rank 0's train_state.pt)."""
+    config: dict
+    config_hash: str
+    mlflow_run_id: str
+    model_config: Any          # models.DiPConfig: written into ema.pt for `dip sample`
+
+
+@dataclass
+class Resumed:
+    """What `CheckpointManager.resume` restored, for the caller to report."""
+    step: int
+    where: str
+    saved_world_size: int
+    saved_split: dict | None   # {"micro_batch", "world_size", "grad_accum"}; None before splits were recorded
+    resharded: bool            # the ZeRO state was re-partitioned for another world size
 
 
 @dataclass
@@ -178,41 +221,91 @@ class SaveRequest:
     marker_info: dict = field(default_factory=dict)
 
 
-class Checkpointer:
-    """Owns one rank's side of saving: snapshot, write (sync or async), commit (rank 0), prune."""
+class CheckpointManager:
+    """Owns one rank's checkpoints: what a checkpoint holds (engine, EMA, data loader, RNG, progress),
+    saving it (snapshot -> write, sync or async -> commit on rank 0 -> prune) and restoring it, on this
+    world size or another. Every method that touches a checkpoint is collective: every rank calls it."""
 
-    def __init__(self, store: CheckpointStore, rank: int, world_size: int, attempt: str, keep: int,
+    def __init__(self, store: CheckpointStore, rank: int, world_size: int, split, *, engine, loader,
+                 progress: TrainProgress, ema, identity: RunIdentity, zero_stage: int, keep: int,
                  async_save: bool, commit_timeout_s: float):
-        self.store = store
-        self.rank = rank
-        self.world_size = world_size
-        self.attempt = attempt
-        self.keep = keep
-        self.async_save = async_save
-        self.commit_timeout_s = commit_timeout_s
+        self.store, self.rank, self.world_size, self.split = store, rank, world_size, split
+        self.engine, self.loader, self.progress, self.ema = engine, loader, progress, ema
+        self.identity, self.zero_stage = identity, zero_stage
+        self.keep, self.async_save, self.commit_timeout_s = keep, async_save, commit_timeout_s
+        self.attempt = ""
         self.staging_dir = tempfile.mkdtemp(prefix=f"dip-ckpt-staging-r{rank}-")
         self.last_committed: int | None = None
+        self.last_saved_step: int | None = None
         self.blocking_seconds: list[float] = []
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, engine, step: int, rank_state: RankState, train_state: dict | None = None,
-             ema_payload: dict | None = None) -> float:
-        """Checkpoint step-N. Collective: every rank calls it. Returns the seconds the caller was blocked."""
+    # ------------------------------------------------------------------------------------------
+    #                                         restore
+    # ------------------------------------------------------------------------------------------
+    def resume(self, enabled: bool = True) -> Resumed | None:
+        """Agree on the newest committed checkpoint (rank 0 looks, clears leftovers newer than it and
+        names this attempt) and restore every component from it. None: a fresh start."""
+        payload: list = [None, None]
+        if self.rank == 0:
+            latest = self.store.latest_committed(warn=True) if enabled else None
+            self.store.discard_after(latest)
+            payload = [latest, uuid.uuid4().hex]
+        dist.broadcast_object_list(payload, src=0)
+        latest, self.attempt = payload
+        return None if latest is None else self.restore(latest)
+
+    def restore(self, step: int) -> Resumed:
+        state = load_train_state(self.store, step)
+        saved_world = int(state["world_size"])
+        same_world = saved_world == self.world_size
+        cache = "" if self.store.is_local else tempfile.mkdtemp(prefix=f"dip-resume-r{self.rank}-")
+        try:
+            local_step_dir = self.store.local_dir(step, cache)
+            resharded = not same_world and self.zero_stage != 0
+            if resharded:
+                from trainer.zero_state import load_resharded
+
+                load_resharded(self.engine, local_step_dir)
+            else:  # same world size, or ZeRO-0 (whole optimizer state in one file)
+                load_engine(self.engine, local_step_dir)
+        finally:
+            if cache:  # a downloaded copy: the engine holds what it needs now
+                shutil.rmtree(cache, ignore_errors=True)
+        # every rank's data state describes the same global position; another world size re-deals the
+        # epoch's rest from it. Process RNGs belong to ranks: carried over only when the ranks are the same.
+        ranks = state["ranks"]
+        mine = ranks[self.rank] if same_world else ranks[0]
+        self.loader.load_state_dict(mine["data"])
+        if same_world:
+            restore_rng(mine["rng"])
+        if self.ema is not None:
+            payload = load_ema_file(self.store, step)
+            self.ema.load_state_dict({"decay": self.ema.decay, "num_updates": state["ema_num_updates"],
+                                      "weights": payload["state_dict"]})
+        self.progress.load_state_dict(state)
+        self.last_saved_step = self.progress.step
+        return Resumed(step, self.store.display(step), saved_world, state.get("batch_split"), resharded)
+
+    # ------------------------------------------------------------------------------------------
+    #                                          save
+    # ------------------------------------------------------------------------------------------
+    def save(self) -> float:
+        """Checkpoint the current step. Returns the seconds the caller was blocked."""
         start = time.perf_counter()
+        step = self.progress.step
         self.wait()  # at most one write in flight
+        rank_state = {"data": self.loader.state_dict(), "rng": capture_rng()}
         gathered: list | None = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(dataclasses.asdict(rank_state), gathered, dst=0)
-        files = snapshot_engine(engine, step, self.staging_dir)
+        dist.gather_object(rank_state, gathered, dst=0)
+        files = snapshot_engine(self.engine, step, self.staging_dir)
         marker_info = {}
         if self.rank == 0:
-            if train_state is None or ema_payload is None:
-                raise ValueError("rank 0 must pass train_state and ema_payload")
-            state = {**train_state, "format": TRAIN_STATE_FORMAT, "step": step, "world_size": self.world_size,
-                     "ranks": to_host(gathered)}
-            files += [(TRAIN_STATE, state), (EMA_FILE, to_host(ema_payload))]
+            files += [(TRAIN_STATE, self._train_state(step, gathered)),
+                      (EMA_FILE, to_host(ema_file_payload(self.identity.model_config, self.ema.module.state_dict())))]
             marker_info = {"world_size": self.world_size, "attempt": self.attempt,
-                           "config_hash": train_state.get("config_hash")}
+                           "config_hash": self.identity.config_hash}
         request = SaveRequest(step, files, marker_info)
         if self.async_save:
             self._thread = threading.Thread(target=self._write_guarded, args=(request,), name=f"dip-ckpt-{step}",
@@ -220,9 +313,17 @@ class Checkpointer:
             self._thread.start()
         else:
             self._write(request)
+        self.last_saved_step = step
         blocked = time.perf_counter() - start
         self.blocking_seconds.append(blocked)
         return blocked
+
+    def _train_state(self, step: int, ranks: list) -> dict:
+        return {**self.progress.state_dict(), "format": TRAIN_STATE_FORMAT, "step": step,
+                "world_size": self.world_size, "batch_split": dataclasses.asdict(self.split),
+                "config": self.identity.config, "config_hash": self.identity.config_hash,
+                "mlflow_run_id": self.identity.mlflow_run_id, "ema_num_updates": self.ema.num_updates,
+                "ema_decay": self.ema.decay, "ranks": to_host(ranks)}
 
     def _write_guarded(self, request: SaveRequest) -> None:
         try:

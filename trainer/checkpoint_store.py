@@ -24,6 +24,7 @@ TRAIN_STATE = "train_state.pt"
 EMA_FILE = "ema.pt"
 DONE_PREFIX = ".done-rank-"
 STOP_REQUEST = "STOP_REQUESTED"
+RESIZE_REQUEST = "RESIZE_REQUESTED"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -244,7 +245,20 @@ class CheckpointStore:
         return self.fs.get_file_info(self.path(STOP_REQUEST)).type == pafs.FileType.File
 
     def clear_stop_request(self) -> None:
+        self._delete_note(STOP_REQUEST)
+
+    # -- resize requests (an elastic run about to grow asks the workers for a checkpoint first) -
+    def request_resize(self, to_workers: int) -> None:
+        self.write_json(RESIZE_REQUEST, {"requested_at": time.time(), "to_workers": to_workers})
+
+    def resize_requested(self) -> bool:
+        return self.fs.get_file_info(self.path(RESIZE_REQUEST)).type == pafs.FileType.File
+
+    def clear_resize_request(self) -> None:
+        self._delete_note(RESIZE_REQUEST)
+
+    def _delete_note(self, name: str) -> None:
         try:
-            self.fs.delete_file(self.path(STOP_REQUEST))
+            self.fs.delete_file(self.path(name))
         except FileNotFoundError:
             pass

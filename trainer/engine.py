@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.config import TrainConfig
+from trainer.config import BatchSplit, TrainConfig
 
 
 class DiffusionObjective(nn.Module):
@@ -23,9 +23,10 @@ class DiffusionObjective(nn.Module):
             self.repa_projector = repa.projector
         object.__setattr__(self, "_repa", repa)
 
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
-        # pixels (B, 3, N, N) in [-1, 1]; labels (B,) -> (scalar loss, dict of detached parts)
-        return self.objective.loss(self.denoiser, pixels, labels, generator=generator, repa=self._repa)
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor, draws=None):
+        # pixels (B, 3, N, N) in [-1, 1]; labels (B,); draws: models.transport.Draws (B,)
+        # -> (scalar loss, dict of detached parts)
+        return self.objective.loss(self.denoiser, pixels, labels, draws=draws, repa=self._repa)
 
     def move_frozen_encoder(self, device: torch.device) -> None:
         if self._repa is not None:
@@ -52,15 +53,15 @@ def build_objective_module(cfg: TrainConfig) -> DiffusionObjective:
     return DiffusionObjective(denoiser, objective, repa)
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON config of a run (batch sizes, ZeRO stage, precision, clipping)."""
+def deepspeed_config(cfg: TrainConfig, split: BatchSplit) -> dict:
+    """The DeepSpeed JSON config of a run at one world size (`split`: its share of the global batch)."""
     zero: dict = {"stage": cfg.train.zero_stage}
     if cfg.train.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)  # overlap buys nothing on gloo/CPU
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": split.micro_batch,
+        "gradient_accumulation_steps": split.grad_accum,
+        "train_batch_size": split.global_batch,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.train.precision == "bf16"},
         "gradient_clipping": cfg.optim.grad_clip,
@@ -93,13 +94,13 @@ def skip_shared_memory_inference_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def build_engine(cfg: TrainConfig, module: DiffusionObjective, world_size: int):
+def build_engine(cfg: TrainConfig, module: DiffusionObjective, split: BatchSplit):
     """deepspeed.initialize on an already-initialised process group (Ray Train sets it up)."""
     import deepspeed
 
     skip_shared_memory_inference_op()
     optimizer, scheduler = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size), dist_init_required=False)
+                                           config=deepspeed_config(cfg, split), dist_init_required=False)
     module.move_frozen_encoder(engine.device)
     return engine

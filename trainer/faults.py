@@ -1,4 +1,5 @@
-"""Fault injection for the kill-and-resume tests. Inert unless a DIP_FAULT_* variable is set.
+"""Fault injection (and a sample ledger) for the kill-and-resume tests. Inert unless a DIP_FAULT_*
+variable is set.
 
 Each fault fires once per run: it leaves a `fired-*` file in DIP_FAULT_DIR first, so the worker
 group that Ray restarts afterwards runs clean. A fault is a real SIGKILL of the worker process:
@@ -9,14 +10,18 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_KILL_IN_CHECKPOINT=S:R   rank R kills itself while writing checkpoint step-S
                                      (after its first file, before it reports its files done)
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
+  DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys"} of each
+                                 micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
-ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S")
+ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S",
+            "DIP_FAULT_SAMPLE_LEDGER")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -69,3 +74,22 @@ def in_checkpoint_write(step: int, rank: int) -> None:
     target = _target("DIP_FAULT_KILL_IN_CHECKPOINT")
     if target == (step, rank) and _fire_once(f"kill-in-checkpoint-{step}-{rank}"):
         _die()
+
+
+def record_samples(step: int, rank: int, world_size: int, attempt: str, keys: list[str]) -> None:
+    directory = os.environ.get("DIP_FAULT_SAMPLE_LEDGER")
+    if not directory:
+        return
+    line = json.dumps({"step": step, "rank": rank, "world_size": world_size, "attempt": attempt, "keys": list(keys)})
+    with open(os.path.join(directory, f"ledger-{os.getpid()}.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def read_ledger(directory: str) -> list[dict]:
+    """Every line every rank wrote to the sample ledger in `directory`."""
+    entries = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("ledger-") and name.endswith(".jsonl"):
+            with open(os.path.join(directory, name)) as f:
+                entries += [json.loads(line) for line in f if line.strip()]
+    return entries

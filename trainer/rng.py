@@ -1,34 +1,61 @@
-"""Every random number generator a rank uses, captured and restored as plain tensors/lists.
+"""The randomness of training: per-sample draws keyed to (seed, step, sample), and the process RNGs.
 
-The state must load with torch.load(weights_only=True), so numpy's ndarray becomes a list.
+The noise, t and label-dropout draws of a training sample are a function of (train.seed, optimizer
+step, sample key) alone: not of the rank, the world size, the micro-batch or the accumulation split.
+So the same step on 1 worker x 2 accumulations and on 2 workers x 1 computes the same math (up to
+floating-point reduction order), a resize mid-run changes nothing the loss sees, and there is no
+generator state to save or to lose.
+
+The process-wide RNGs (python, numpy, torch, CUDA) are captured per rank as plain tensors/lists (the
+state must load with torch.load(weights_only=True), so numpy's ndarray becomes a list).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 import torch
 
+from models.transport import Draws
 
-def capture_rng(generator: torch.Generator) -> dict:
+
+def sample_seed(seed: int, step: int, key: str) -> int:
+    """A 63-bit seed for one sample of one optimizer step (a stable hash: the same in every process)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keyed_draws(seed: int, step: int, keys: list[str], image_shape: tuple[int, ...], device) -> Draws:
+    """Draws for a batch whose samples are `keys` at optimizer step `step`: each sample's t, dropout and
+    noise come from its own generator, so where the sample lands (rank, micro-batch) does not matter."""
+    normal_t, uniform, noise = [], [], []
+    generator = torch.Generator(device=device)
+    for key in keys:
+        generator.manual_seed(sample_seed(seed, step, key))
+        normal_t.append(torch.randn(1, device=device, generator=generator))
+        uniform.append(torch.rand(1, device=device, generator=generator))
+        noise.append(torch.randn(image_shape, device=device, generator=generator))
+    return Draws(torch.cat(normal_t), torch.cat(uniform), torch.stack(noise))  # (B,), (B,), (B, C, H, W)
+
+
+def capture_rng() -> dict:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),  # the noise / t / label-dropout stream of this rank
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     return state
 
 
-def restore_rng(state: dict, generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

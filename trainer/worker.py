@@ -2,18 +2,17 @@
 
 Each rank builds the same DiP (same seed), wraps it in a DeepSpeed engine, streams its share of
 the shards, and steps. Rank 0 also keeps the EMA, logs to MLflow through a background queue, draws
-sample grids and shows the progress bar. Every rank resumes from the newest committed checkpoint
-if there is one: model, optimizer, scheduler, EMA, data position and every RNG stream.
+sample grids and shows the progress bar. Set-up reads as: split the global batch for this world
+size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager: the newest
+committed checkpoint, written at this world size or another) -> loop (step, log, save, grid) ->
+close.
 """
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +20,17 @@ import torch.distributed as dist
 
 from data.records import to_pm1
 from trainer import faults
-from trainer.checkpoint import (Checkpointer, RankState, ema_file_payload, load_ema_file, load_engine,
-                                load_train_state)
+from trainer.checkpoint import CheckpointManager, Resumed, RunIdentity, TrainProgress
 from trainer.checkpoint_store import CheckpointStore, step_name
 from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
-from trainer.rng import capture_rng, restore_rng, seed_everything
+from trainer.rng import keyed_draws, seed_everything
 from trainer.step_metrics import IntervalMeter, flops_per_image, peak_flops_per_second, peak_memory_mb
 
 log = logging.getLogger("dip.train")
 
-STOP_NONE, STOP_REQUESTED, STOP_PREEMPTION = 0, 1, 2
+STOP_NONE, STOP_RESIZE, STOP_REQUESTED, STOP_PREEMPTION = 0, 1, 2, 3  # agreed by MAX over ranks
+RESIZE_WAIT_S = 300.0   # an elastic grow: how long the workers wait for Ray to restart them after the checkpoint
+RESIZE_GRACE_S = 5.0
 
 
 @dataclass
@@ -68,10 +68,8 @@ class TrainingRun:
     def __init__(self, cfg: TrainConfig, ctx: WorkerContext, rank: int, world_size: int):
         self.cfg, self.ctx, self.rank, self.world_size = cfg, ctx, rank, world_size
         self.is_main = rank == 0
-        self.step = 0
-        self.samples_seen = 0
-        self.last_saved_step: int | None = None
-        self.last_loss: float | None = None
+        self.split = cfg.batch_split(world_size)  # this world size's share of the fixed global batch
+        self.progress = TrainProgress()
         self.last_grid: str | None = None
         self.stop_reason = ""
         self.in_ray = _in_ray_train()
@@ -92,88 +90,80 @@ class TrainingRun:
         self.num_params = sum(p.numel() for p in module.denoiser.parameters())
         # the EMA starts from the same initial weights as the model, before DeepSpeed shards or casts them
         self.ema = EMA(module.denoiser, cfg.optim.ema_decay) if self.is_main else None
-        self.engine = build_engine(cfg, module, self.world_size)
+        self.engine = build_engine(cfg, module, self.split)
         self.device = self.engine.device
         self.input_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         if self.ema is not None:
             self.ema.module.to(self.device)
-        # the noise / t / label-dropout stream of this rank (restored exactly on resume)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed * 1_000_003 + self.rank)
-        self.loader = build_dataloader(cfg.data, self.rank, self.world_size)
+        self.loader = build_dataloader(cfg.data.replace(batch_size=self.split.micro_batch), self.rank,
+                                       self.world_size)
         self.store = CheckpointStore(self.ctx.checkpoint_uri)
-        resume_step, attempt = self._agree_on_resume_point()
-        self.checkpointer = Checkpointer(self.store, self.rank, self.world_size, attempt, cfg.checkpoint.keep,
-                                         cfg.checkpoint.async_save, cfg.checkpoint.commit_timeout_s)
-        if resume_step is not None:
-            self._restore(resume_step)
+        identity = RunIdentity(to_dict(cfg), self.ctx.config_hash or config_hash(cfg), self.ctx.mlflow_run_id,
+                               self.model_config)
+        self.checkpoints = CheckpointManager(
+            self.store, self.rank, self.world_size, self.split, engine=self.engine, loader=self.loader,
+            progress=self.progress, ema=self.ema, identity=identity, zero_stage=cfg.train.zero_stage,
+            keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+            commit_timeout_s=cfg.checkpoint.commit_timeout_s)
+        resumed = self.checkpoints.resume(enabled=cfg.checkpoint.resume == "auto")
+        if self.ema is not None:
+            self.ema.module.to(self.device)
         self.tracker = None
         if self.is_main and self.ctx.mlflow_run_id:
             from trainer.tracking import RunLogger
 
             self.tracker = RunLogger(self.ctx.tracking_uri, self.ctx.mlflow_run_id)
+        if self.is_main:
+            self._report_start(resumed)
         self.flops_per_image = flops_per_image(self.model_config, cfg.data.resolution)
         self.peak_flops = peak_flops_per_second(self.device)
         dist.barrier()
 
-    def _agree_on_resume_point(self) -> tuple[int | None, str]:
-        """Rank 0 finds the newest committed checkpoint and clears leftovers newer than it."""
-        payload: list = [None, None]
-        if self.is_main:
-            latest = self.store.latest_committed(warn=True) if self.cfg.checkpoint.resume == "auto" else None
-            self.store.discard_after(latest)
-            payload = [latest, uuid.uuid4().hex]
-        dist.broadcast_object_list(payload, src=0)
-        return payload[0], payload[1]
+    def _report_start(self, resumed: Resumed | None) -> None:
+        """The batch split chosen at this (re)start, and a resize, in the log and in MLflow."""
+        log.info("batch: %s", self.split.describe())
+        if resumed is None:
+            self._log_world(0)
+            return
+        log.info("resumed from %s (step %d, %d samples seen)", resumed.where, self.progress.step,
+                 self.progress.samples_seen)
+        if resumed.saved_world_size != self.world_size:
+            self.progress.resizes += 1
+            reason = _resize_reason(resumed.saved_world_size, self.world_size, self.cfg.cluster.elastic)
+            was = resumed.saved_split or {"world_size": resumed.saved_world_size}
+            event = (f"step {self.progress.step}: {resumed.saved_world_size} -> {self.world_size} workers ({reason}); "
+                     f"{self.split.describe()}" + ("" if not resumed.resharded else "; ZeRO state re-partitioned"))
+            log.warning("resize %d: %s (was micro-batch %s x accumulation %s)", self.progress.resizes, event,
+                        was.get("micro_batch", "?"), was.get("grad_accum", "?"))
+            if self.tracker is not None:
+                self.tracker.set_tags({f"resize.{self.progress.resizes}": event,
+                                       "resizes": str(self.progress.resizes)})
+        self._log_world(self.progress.step)
 
-    def _restore(self, step: int) -> None:
-        state = load_train_state(self.store, step)
-        cache = "" if self.store.is_local else tempfile.mkdtemp(prefix=f"dip-resume-r{self.rank}-")
-        local_step_dir = self.store.local_dir(step, cache)
-        saved_world = int(state["world_size"])
-        if saved_world != self.world_size and self.cfg.train.zero_stage != 0:
-            raise ValueError(f"checkpoint {self.store.display(step)} was written by {saved_world} workers with "
-                             f"ZeRO-{self.cfg.train.zero_stage}; its optimizer shards need {saved_world} workers "
-                             f"(set cluster.num_workers={saved_world}). Only ZeRO-0 resumes on another world size.")
-        load_engine(self.engine, local_step_dir)
-        if not self.store.is_local:  # a downloaded copy: the engine holds what it needs now
-            shutil.rmtree(cache, ignore_errors=True)
-        # the data state is the same on every rank; another world size re-partitions the epoch's rest
-        ranks = state["ranks"]
-        mine = ranks[self.rank] if saved_world == self.world_size else ranks[0]
-        self.loader.load_state_dict(mine["data"])
-        if saved_world == self.world_size:
-            restore_rng(mine["rng"], self.generator)
-        else:
-            log.warning("resuming %d-worker checkpoint on %d workers: RNG streams restart from the seed "
-                        "(the run continues, but is no longer bit-identical to an uninterrupted one)",
-                        saved_world, self.world_size)
-            self.generator.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank + 7919 * step)
-        if self.ema is not None:
-            payload = load_ema_file(self.store, step)
-            self.ema.load_state_dict({"decay": self.cfg.optim.ema_decay, "num_updates": state["ema_num_updates"],
-                                      "weights": payload["state_dict"]})
-            self.ema.module.to(self.device)
-        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-        self.last_saved_step = self.step
-        if self.is_main:
-            log.info("resumed from %s (step %d, %d samples seen)", self.store.display(step), self.step,
-                     self.samples_seen)
+    def _log_world(self, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.set_tags({"world_size": str(self.world_size)})
+            self.tracker.log_metrics({"world_size": self.world_size, "grad_accum": self.split.grad_accum,
+                                      "micro_batch": self.split.micro_batch}, step)
 
     # ------------------------------------------------------------------------------------------
     #                                         the loop
     # ------------------------------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (mean loss, data-wait seconds)."""
+        """One optimizer step over this rank's micro-batches. Returns (mean loss, data-wait seconds)."""
         data_wait = 0.0
         losses = []
-        for _ in range(self.cfg.train.grad_accum):
+        for _ in range(self.split.grad_accum):
             t0 = time.perf_counter()
-            pixels, labels, _keys = next(self.loader)
+            pixels, labels, keys = next(self.loader)
             data_wait += time.perf_counter() - t0
             pixels = pixels.to(self.device, non_blocking=True)  # uint8 (B, 3, N, N): a quarter of the bytes
             pixels = to_pm1(pixels).to(self.input_dtype)  # [-1, 1], scaled on the device
             labels = labels.to(self.device, non_blocking=True)                           # (B,)
-            loss, _parts = self.engine(pixels, labels, self.generator)
+            faults.record_samples(self.progress.step, self.rank, self.world_size, self.checkpoints.attempt, keys)
+            # t, noise and label dropout keyed to (seed, step, sample): the same for any split of the batch
+            draws = keyed_draws(self.cfg.train.seed, self.progress.step, keys, tuple(pixels.shape[1:]), self.device)
+            loss, _parts = self.engine(pixels, labels, draws)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
@@ -198,10 +188,13 @@ class TrainingRun:
         return float(norm.item() if torch.is_tensor(norm) else norm)
 
     def _check_stop(self) -> int:
-        """Agreed across ranks: a stop request from the driver, or a Ray preemption notice."""
+        """Agreed across ranks: a stop request from the driver, a Ray preemption notice, or an elastic
+        run about to grow (Ray restarts the group once this checkpoint is committed)."""
         flag = STOP_NONE
         if self.is_main and self.store.stop_requested():
             flag = STOP_REQUESTED
+        elif self.is_main and self.store.resize_requested():
+            flag = STOP_RESIZE
         if self.in_ray:
             import ray.train
 
@@ -212,21 +205,24 @@ class TrainingRun:
         return int(agreed.item())
 
     def save_checkpoint(self) -> float:
-        cfg = self.cfg
-        rank_state = RankState(data=self.loader.state_dict(), rng=capture_rng(self.generator))
-        train_state = ema_payload = None
-        if self.is_main:
-            train_state = {"samples_seen": self.samples_seen, "config": to_dict(cfg),
-                           "config_hash": self.ctx.config_hash or config_hash(cfg),
-                           "mlflow_run_id": self.ctx.mlflow_run_id, "ema_num_updates": self.ema.num_updates,
-                           "ema_decay": self.ema.decay, "last_loss": self.last_loss}
-            ema_payload = ema_file_payload(self.model_config, self.ema.module.state_dict())
-        blocked = self.checkpointer.save(self.engine, self.step, rank_state, train_state, ema_payload)
-        self.last_saved_step = self.step
+        blocked = self.checkpoints.save()
         if self.tracker is not None:
-            self.tracker.log_metrics({"checkpoint_blocking_s": blocked}, self.step)
-            self.tracker.flush(cfg.tracking.flush_timeout_s)
+            self.tracker.log_metrics({"checkpoint_blocking_s": blocked}, self.progress.step)
+            self.tracker.flush(self.cfg.tracking.flush_timeout_s)
         return blocked
+
+    def _await_resize(self) -> None:
+        """An elastic grow: the checkpoint is committed; Ray restarts the group with more workers as soon
+        as the driver side has seen it. Wait for that (bounded), then carry on if it never came."""
+        self.checkpoints.wait()
+        log.info("checkpoint for the resize written at step %d: waiting for Ray to restart the group",
+                 self.progress.step)
+        deadline = time.monotonic() + RESIZE_WAIT_S
+        while time.monotonic() < deadline and self.store.resize_requested():
+            time.sleep(0.5)
+        time.sleep(RESIZE_GRACE_S)  # the request is gone: the restart is on its way
+        dist.barrier()
+        log.warning("no restart came after the resize checkpoint at step %d: training on", self.progress.step)
 
     def log_interval(self, meter: IntervalMeter, loss_sum: torch.Tensor, loss_count: int, bar) -> None:
         totals = torch.tensor([loss_sum.item(), float(loss_count), float(self.loader.corrupt_samples)],
@@ -235,15 +231,17 @@ class TrainingRun:
         if not self.is_main:
             return
         loss = totals[0].item() / max(totals[1].item(), 1)
-        self.last_loss = loss
+        self.progress.last_loss = loss
+        step = self.progress.step
         figures = meter.figures(self.cfg.global_batch, self.flops_per_image, self.peak_flops, self.world_size)
         metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": self._grad_norm(),
                    "peak_memory_mb": peak_memory_mb(self.device), "corrupt_samples": totals[2].item(),
-                   "samples_seen": self.samples_seen, "epoch": self.loader.epoch, **figures}
+                   "samples_seen": self.progress.samples_seen, "epoch": self.loader.epoch,
+                   "world_size": self.world_size, "grad_accum": self.split.grad_accum, **figures}
         if self.tracker is not None:
-            self.tracker.log_metrics(metrics, self.step)
-        remaining = (self.cfg.train.max_steps - self.step) * figures["step_time_s"]
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | data wait %.0f%% | eta %s", self.step,
+            self.tracker.log_metrics(metrics, step)
+        remaining = (self.cfg.train.max_steps - step) * figures["step_time_s"]
+        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | data wait %.0f%% | eta %s", step,
                  self.cfg.train.max_steps, loss, metrics["lr"], figures["images_per_s"],
                  100 * figures["data_wait_share"], _fmt_duration(remaining))
         if bar is not None:
@@ -260,54 +258,59 @@ class TrainingRun:
         return path
 
     def run(self) -> dict:
-        cfg = self.cfg
+        cfg, progress = self.cfg, self.progress
         bar = self._progress_bar()
         meter = IntervalMeter()
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         preempt_saved = False
-        while self.step < cfg.train.max_steps:
+        while progress.step < cfg.train.max_steps:
             loss, data_wait = self.train_step()
-            self.step += 1
-            self.samples_seen += cfg.global_batch
+            progress.step += 1
+            progress.samples_seen += cfg.global_batch
             loss_sum += loss
             loss_count += 1
             meter.add(data_wait)
             if bar is not None:
                 bar.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if progress.step % cfg.train.log_every == 0 or progress.step == cfg.train.max_steps:
                 self.log_interval(meter, loss_sum, loss_count, bar)
                 meter.reset()
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
-            faults.after_step(self.step, self.rank)
-            stop = self._check_stop() if self.step % cfg.train.stop_check_every == 0 else STOP_NONE
+            faults.after_step(progress.step, self.rank)
+            stop = self._check_stop() if progress.step % cfg.train.stop_check_every == 0 else STOP_NONE
             if stop == STOP_PREEMPTION and not preempt_saved:
-                log.warning("preemption notice: writing a checkpoint at step %d", self.step)
+                log.warning("preemption notice: writing a checkpoint at step %d", progress.step)
                 self.save_checkpoint()
                 preempt_saved = True
-            elif self.step % cfg.checkpoint.every_steps == 0 or stop == STOP_REQUESTED:
+            elif progress.step % cfg.checkpoint.every_steps == 0 or stop in (STOP_REQUESTED, STOP_RESIZE):
                 self.save_checkpoint()
-            if self.is_main and cfg.samples.every_steps and self.step % cfg.samples.every_steps == 0:
-                self.make_grid(f"{step_name(self.step)}.png")
+            if self.is_main and cfg.samples.every_steps and progress.step % cfg.samples.every_steps == 0:
+                self.make_grid(f"{step_name(progress.step)}.png")
             if stop == STOP_REQUESTED:
                 self.stop_reason = "stop requested"
                 break
-        if self.last_saved_step != self.step:
+            if stop == STOP_RESIZE and progress.step < cfg.train.max_steps:
+                self._await_resize()
+        if self.checkpoints.last_saved_step != progress.step:
             self.save_checkpoint()
-        self.checkpointer.close()
+        self.checkpoints.close()
         dist.barrier()  # rank 0 has committed the last checkpoint before anyone reports done
         if bar is not None:
             bar.close()
         return self.finish()
 
     def finish(self) -> dict:
-        summary = {"step": self.step, "samples_seen": self.samples_seen, "stopped": bool(self.stop_reason),
-                   "num_params": self.num_params, "last_loss": self.last_loss,
-                   "last_checkpoint": self.store.display(self.checkpointer.last_committed or self.last_saved_step)}
+        progress = self.progress
+        summary = {"step": progress.step, "samples_seen": progress.samples_seen, "stopped": bool(self.stop_reason),
+                   "num_params": self.num_params, "last_loss": progress.last_loss, "world_size": self.world_size,
+                   "resizes": progress.resizes,
+                   "last_checkpoint": self.store.display(self.checkpoints.last_committed
+                                                         or self.checkpoints.last_saved_step)}
         if self.is_main:
             if not self.stop_reason:
                 self.make_grid("final.png")
             summary["sample_grid"] = self.last_grid
-            blocking = self.checkpointer.blocking_seconds
+            blocking = self.checkpoints.blocking_seconds
             summary["checkpoint_blocking_s_mean"] = sum(blocking) / len(blocking) if blocking else 0.0
             if self.tracker is not None:
                 self.tracker.close(self.cfg.tracking.flush_timeout_s)
@@ -320,8 +323,14 @@ class TrainingRun:
         from ray.experimental.tqdm_ray import tqdm
 
         bar = tqdm(total=self.cfg.train.max_steps, desc="training", unit="step")
-        bar.n = self.step  # a resumed run starts part-way
+        bar.n = self.progress.step  # a resumed run starts part-way
         return bar
+
+
+def _resize_reason(before: int, after: int, elastic: bool) -> str:
+    if not elastic:
+        return f"restarted by hand with cluster.num_workers={after}"
+    return "a node was lost" if after < before else "capacity came back"
 
 
 def _fmt_duration(seconds: float) -> str:

@@ -96,6 +96,12 @@ class ZeroCheckpoint:
             return [base["state"][i] for i in sorted(base["state"])]
         return list(base)
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's hyperparameters per group as saved (the scheduled lr among them)."""
+        shard = self.shards[0]
+        base = shard["base_optimizer_state"] if self.stage <= 2 else shard["optimizer_state_dict"]
+        return [{k: v for k, v in group.items() if k != "params"} for group in base["param_groups"]]
+
     @staticmethod
     def stage_of(shard: dict) -> int:
         return int(shard["zero_stage"])
@@ -204,6 +210,9 @@ def load_resharded(engine, step_dir: str) -> ZeroCheckpoint:
             _into_zero3(engine.optimizer, named, ckpt)
         else:
             raise ValueError("ZeRO-0 checkpoints load on any world size through DeepSpeed itself")
+    # the learning rate lives in the optimizer's groups: the scheduler only writes it at its next step
+    for group, saved in zip(engine.optimizer.optimizer.param_groups, ckpt.param_groups(), strict=True):
+        group.update(saved)
     if engine.lr_scheduler is not None and ckpt.model_state.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(ckpt.model_state["lr_scheduler"])
     engine.global_steps = int(ckpt.model_state["global_steps"])
@@ -271,6 +280,9 @@ def consolidated_engine_state(engine) -> dict[str, dict[str, torch.Tensor]]:
     accessors (a collective: every rank calls it). For checking a restore against its checkpoint."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None and engine.optimizer.optimizer.state:  # ZeRO-1/2 link their views at the first step
+        link()
     out = {}
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:

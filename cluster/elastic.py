@@ -1,0 +1,78 @@
+"""Elastic runs: Ray Train's resizing, with a checkpoint before every grow.
+
+A run with `cluster.num_workers: [min, max]` hands Ray Train `ScalingConfig(num_workers=(min, max))`.
+Ray starts as many workers as fit (at least min); when a worker or its node dies it restarts the
+group with the workers that still fit (a FailureConfig retry), and while the group is healthy it
+checks every `cluster.resize_check_s` whether more would fit now, and if so restarts it bigger.
+Every restart resumes from the newest committed checkpoint on the new world size
+(trainer.checkpoint.CheckpointManager).
+
+A shrink follows a loss, so the steps since the last checkpoint are lost once, as with any crash. A
+grow is Ray's decision on a healthy group, and Ray's restart would throw those steps away a second
+time: `CheckpointBeforeGrow` runs inside Ray Train's controller just before it executes the resize,
+asks the workers (through the checkpoint store, like a stop request) to commit a checkpoint at their
+next stop check, waits for the commit (bounded), then lets Ray restart the group from it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("dip.elastic")
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """Ray Train's user callback, plus its controller hook interface (internal in Ray 2.60: without it,
+    a grow still works, it just restarts from the last periodic checkpoint)."""
+    from ray.train import UserCallback
+
+    try:
+        from ray.train.v2._internal.execution.callback import ControllerCallback
+    except ImportError:  # another Ray version: no pre-resize hook
+        return (UserCallback,)
+    return (UserCallback, ControllerCallback)
+
+
+def checkpoint_before_grow(checkpoint_uri: str, timeout_s: float, poll_s: float = 0.5):
+    """The callback instance for RunConfig(callbacks=[...]); see the module docstring."""
+
+    class CheckpointBeforeGrow(*_callback_bases()):
+        def __init__(self):
+            self.checkpoint_uri, self.timeout_s, self.poll_s = checkpoint_uri, timeout_s, poll_s
+            self._running_group_resizes = False
+
+        def after_controller_state_update(self, previous_state, current_state) -> None:
+            # RUNNING -> RESIZING is the elastic monitor growing (or shrinking) a healthy group; restarts
+            # after a failure go RESTARTING -> SCHEDULING, with nobody left to write a checkpoint
+            self._running_group_resizes = type(current_state).__name__ == "ResizingState"
+
+        def before_controller_execute_resize_decision(self, decision) -> None:
+            if not self._running_group_resizes:
+                return
+            self._running_group_resizes = False
+            self.checkpoint_now(decision.num_workers)
+
+        def checkpoint_now(self, to_workers: int) -> int | None:
+            """Ask for a checkpoint and wait until it is committed; returns its step (None: timed out)."""
+            from trainer.checkpoint_store import CheckpointStore
+
+            store = CheckpointStore(self.checkpoint_uri)
+            before = store.latest_committed(warn=False)
+            store.request_resize(to_workers)
+            log.warning("elastic: capacity for %d workers: asking the workers for a checkpoint before the resize",
+                        to_workers)
+            deadline = time.monotonic() + self.timeout_s
+            try:
+                while time.monotonic() < deadline:
+                    latest = store.latest_committed(warn=False)
+                    if latest is not None and (before is None or latest > before):
+                        log.warning("elastic: checkpoint %s committed: resizing to %d workers", store.display(latest),
+                                    to_workers)
+                        return latest
+                    time.sleep(self.poll_s)
+                log.warning("elastic: no checkpoint within %.0f s: resizing from the last one", self.timeout_s)
+                return None
+            finally:
+                store.clear_resize_request()
+
+    return CheckpointBeforeGrow()
