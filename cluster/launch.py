@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -163,6 +164,7 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
 
     import data
     from trainer.eval_hook import EvalHook
+    from trainer.logged_model import log_final_model
     from trainer.tracking import RunLogger, finish_run, git_commit, open_run
     from trainer.worker import train_loop_per_worker
 
@@ -204,7 +206,7 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
             train_loop_config={"config": to_dict(run_cfg),
                                "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,
                                            "tracking_uri": paths.tracking_uri, "mlflow_run_id": run_id,
-                                           "config_hash": config_hash(cfg)}},
+                                           "config_hash": config_hash(cfg), "progress_bar": sys.stdout.isatty()}},
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
                                          resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
@@ -239,6 +241,8 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
         latest = store.latest_committed(warn=False)
         if status != "FAILED":
             _write_model_card(cfg, paths, run_id, latest, result, driver_log)
+        if status == "FINISHED":  # a stopped run goes on later: its final model comes then
+            log_final_model(cfg, paths.tracking_uri, run_id, paths.checkpoint_uri, latest, config_hash(cfg))
         driver_log.close(cfg.tracking.flush_timeout_s)
         finish_run(paths.tracking_uri, run_id, {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
         if started_ray:
