@@ -128,9 +128,14 @@ def test_system_metrics_log_even_a_run_shorter_than_one_interval_under_its_node_
 
 def test_system_metrics_follow_the_switch_and_sample_once_per_node():
     from trainer.config import TrackingSection
-    from trainer.tracking import node_placement, start_system_metrics
+    from trainer.tracking import node_placement, placement, start_system_metrics
 
     assert start_system_metrics(TrackingSection(system_metrics=False), "sqlite:///unused.db", "r" * 32, 0) is None
     assert start_system_metrics(TrackingSection(), "sqlite:///unused.db", "", 0) is None  # no MLflow run
-    # outside Ray Train: global rank 0 samples the machine, without a node id
-    assert node_placement(0) == (True, None) and node_placement(3) == (False, None)
+    # a single process (no process group): it samples its machine, without a node id
+    assert node_placement(0) == (True, None)
+    # 4 ranks on 2 nodes (as Ray puts them, in any order): the lowest rank of each node samples it
+    nodes = ["n-b", "n-a", "n-b", "n-a"]
+    assert [placement(nodes, rank) for rank in range(4)] == [(True, "node_0"), (True, "node_1"),
+                                                             (False, "node_0"), (False, "node_1")]
+    assert [placement(["n-a"] * 2, rank) for rank in range(2)] == [(True, None), (False, None)]  # one node

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -208,18 +209,39 @@ def send_image(client, run_id: str, local_path: str, key: str, step: int) -> Non
 #                                  System metrics (one monitor per node)
 # ----------------------------------------------------------------------------------------------
 
-def node_placement(rank: int) -> tuple[bool, str | None]:
-    """(whether this process samples its node, the node id for metric names). In Ray Train: the local
-    rank 0 of each node, with the id `node_<node rank>` when the run spans more than one node (metric
-    names then read system/node_1/cpu_utilization_percentage). Elsewhere: global rank 0, no id."""
+def _node_key() -> str:
+    """This process's node: the Ray node id inside Ray, else the host name."""
     try:
-        import ray.train
+        import ray
 
-        ctx = ray.train.get_context()
-        multi_node = ctx.get_local_world_size() < ctx.get_world_size()
-        return ctx.get_local_rank() == 0, (f"node_{ctx.get_node_rank()}" if multi_node else None)
-    except Exception:  # not inside a Ray Train worker (a plain torch.distributed launch)
-        return rank == 0, None
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray missing or not usable here: fall back to the host
+        pass
+    return socket.gethostname()
+
+
+def node_placement(rank: int) -> tuple[bool, str | None]:
+    """(whether this process samples its node, the node id for metric names). Every rank calls it: with
+    torch.distributed up, the ranks exchange their node (Ray node ids, not IPs: Ray Train's local ranks
+    go by IP, which several Ray nodes on one host share). The lowest rank of each node samples it; a run
+    on more than one node names them node_0, node_1, ... in the order of their lowest rank, and the
+    metric names carry them (system/node_1/cpu_utilization_percentage)."""
+    import torch.distributed as dist
+
+    me = _node_key()
+    if dist.is_available() and dist.is_initialized():
+        keys: list = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, me)
+        return placement(keys, rank)
+    return placement([me], 0)
+
+
+def placement(node_of_rank: list[str], rank: int) -> tuple[bool, str | None]:
+    """node_placement's rule, given every rank's node."""
+    me = node_of_rank[rank]
+    nodes = list(dict.fromkeys(node_of_rank))  # in the order of their lowest rank
+    return node_of_rank.index(me) == rank, (f"node_{nodes.index(me)}" if len(nodes) > 1 else None)
 
 
 class SystemMetrics:
@@ -250,7 +272,7 @@ class SystemMetrics:
 
 def start_system_metrics(tracking, tracking_uri: str, run_id: str, rank: int) -> SystemMetrics | None:
     """With tracking.system_metrics on (a TrackingSection), a SystemMetrics on the one process of this
-    node that samples it (see node_placement); None elsewhere."""
+    node that samples it (see node_placement); None elsewhere. Every rank calls it (a collective)."""
     if not (tracking.system_metrics and run_id):
         return None
     samples, node_id = node_placement(rank)
