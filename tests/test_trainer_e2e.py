@@ -20,7 +20,7 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, 
 
     cfg = tiny_config(tmp_path, "e2e", ["train.max_steps=8", "checkpoint.keep=1", "checkpoint.async_save=true",
                                         "samples.every_steps=4", "tracking.system_metrics_interval_s=1",
-                                        "tracking.register_model=dip-e2e"])
+                                        "tracking.log_model=true", "tracking.register_model=dip-e2e"])
     summary = launch(cfg)
     assert summary.status == "FINISHED" and summary.steps == 8
     # stdout is not a terminal here (as in a log file or a Ray job): status lines, no progress bar redraws
