@@ -30,7 +30,8 @@ def test_eval_result_is_logged_at_its_step(tmp_path):
 def _image_steps(client, run_id: str, key_in_filename: str) -> list[int]:
     """The steps of the step-keyed images (log_image(key=, step=)) of one key: images/<key>+step+<N>+...png."""
     names = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")]
-    return sorted(int(n.split("+")[2]) for n in names if n.startswith(key_in_filename + "+step+") and n.endswith(".png"))
+    prefix = key_in_filename + "+step+"
+    return sorted(int(n.split("+")[2]) for n in names if n.startswith(prefix) and n.endswith(".png"))
 
 
 def test_sample_grid_tiles_the_first_images():

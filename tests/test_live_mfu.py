@@ -33,7 +33,8 @@ def test_repa_adds_the_encoder_forward_and_the_projector_forward_and_backward():
     from trainer.step_metrics import flops_per_image
 
     plain = flops_per_image(config_from_dict(TINY_MODEL))
-    with_repa = flops_per_image(config_from_dict({**TINY_MODEL, "objective": {"repa_encoder": "tiny", "repa_block": 1}}))
+    repa = {"repa_encoder": "tiny", "repa_block": 1}
+    with_repa = flops_per_image(config_from_dict({**TINY_MODEL, "objective": repa}))
     # 16 px, DiP-T/16: 1 token of width 64. TinyEncoder: an 8x8 stride-8 conv 3 -> 32 on 2x2 positions,
     # forward only (frozen). Projector 64 -> 64 -> 64 -> 32 on 1 token, forward + backward (3x).
     encoder = 2 * (2 * 2) * 32 * (3 * 8 * 8)

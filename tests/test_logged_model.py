@@ -63,7 +63,8 @@ def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_p
 
     # the driver's wrapper: off by its switch, and a failure (here: no ema.pt) only warns
     cfg = config_from_dict({"run_name": "r1"})
-    assert log_final_model(config_from_dict({"tracking": {"log_model": False}}), uri, run_id, checkpoints, 8, "h") is None
+    switched_off = config_from_dict({"tracking": {"log_model": False}})
+    assert log_final_model(switched_off, uri, run_id, checkpoints, 8, "h") is None
     with caplog.at_level("WARNING", logger="dip.tracking"):
         assert log_final_model(cfg, uri, run_id, checkpoints, 8, "h") is None
     assert "the final EMA model was not logged to MLflow" in caplog.text
