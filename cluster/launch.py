@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -224,7 +225,7 @@ def build_trainer(run: PreparedRun, run_id: str):
         train_loop_config={"config": to_dict(run.worker_cfg),
                            "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,
                                        "tracking_uri": paths.tracking_uri, "mlflow_run_id": run_id,
-                                       "config_hash": config_hash(cfg)}},
+                                       "config_hash": config_hash(cfg), "progress_bar": sys.stdout.isatty()}},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(name=cfg.run_name, storage_path=paths.ray_storage,
@@ -261,6 +262,7 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
     import ray
 
     from trainer.eval_hook import EvalHook
+    from trainer.logged_model import log_final_model
     from trainer.tracking import finish_run
 
     started = time.monotonic()
@@ -284,6 +286,8 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
         latest = run.store.latest_committed(warn=False)
         if status != "FAILED":
             _write_model_card(cfg, run.paths, run_id, latest, result, driver_log)
+        if status == "FINISHED":  # a stopped run goes on later: its final model comes then
+            log_final_model(cfg, run.paths.tracking_uri, run_id, run.paths.checkpoint_uri, latest, config_hash(cfg))
         driver_log.close(cfg.tracking.flush_timeout_s)
         finish_run(run.paths.tracking_uri, run_id, {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
         if started_ray:

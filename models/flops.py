@@ -117,3 +117,19 @@ def module_training_flops(module: nn.Module, example_input: torch.Tensor) -> int
     with torch.no_grad():
         forward, _ = count_flops(lambda: module(example_input))
     return TRAINING_FLOPS_PER_FORWARD * forward
+
+
+def repa_training_flops(encoder: nn.Module, hidden_size: int, num_tokens: int, resolution: int) -> int:
+    """REPA's part of one image's training FLOPs: the frozen encoder's forward (never trained: no
+    backward) plus the projector's forward and backward (3x). Counted on the meta device."""
+    from .repa import REPAProjector
+
+    with torch.device("meta"):
+        encoder = encoder.to("meta")
+        projector = REPAProjector(hidden_size, encoder.feature_dim)
+        images = torch.zeros(1, 3, resolution, resolution)
+        tokens = torch.zeros(1, num_tokens, hidden_size)
+    with torch.no_grad():
+        encoder_forward, _ = count_flops(lambda: encoder(images))
+        projector_forward, _ = count_flops(lambda: projector(tokens))
+    return encoder_forward + TRAINING_FLOPS_PER_FORWARD * projector_forward

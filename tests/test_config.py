@@ -76,6 +76,12 @@ def test_unknown_section_is_named_with_the_valid_sections():
     ({"eval": {"ref_samples": 0}}, "eval.ref_samples=0 is not valid"),
     ({"cluster": {"dashboard": "yes"}}, "cluster.dashboard='yes' is not valid: expected true or false"),
     ({"train": "fast"}, "train must be a mapping"),
+    ({"tracking": {"system_metrics": "on"}}, "tracking.system_metrics='on' is not valid: expected true or false"),
+    ({"tracking": {"system_metrics_interval_s": 0}}, "tracking.system_metrics_interval_s=0.0 is not valid"),
+    ({"tracking": {"model_weights": "link"}},
+     "tracking.model_weights='link' is not valid: expected one of ['auto', 'copy', 'reference']"),
+    ({"tracking": {"model_copy_max_mb": -1}}, "tracking.model_copy_max_mb=-1.0 is not valid"),
+    ({"tracking": {"register_model": "team/dip"}}, "tracking.register_model='team/dip' is not valid"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, fragment):
     with pytest.raises(ValueError) as err:

@@ -24,6 +24,14 @@ def test_eval_result_is_logged_at_its_step(tmp_path):
     assert client.get_metric_history(run_id, "eval/sfid") == []  # unavailable: not logged as a number
     artifacts = [a.path for a in client.list_artifacts(run_id, "eval/samples")]
     assert artifacts == ["eval/samples/step_00000100.png", "eval/samples/step_00000200.png"]
+    assert _image_steps(client, run_id, "eval~samples") == [100, 200]  # the UI's image chart, over steps
+
+
+def _image_steps(client, run_id: str, key_in_filename: str) -> list[int]:
+    """The steps of the step-keyed images (log_image(key=, step=)) of one key: images/<key>+step+<N>+...png."""
+    names = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")]
+    prefix = key_in_filename + "+step+"
+    return sorted(int(n.split("+")[2]) for n in names if n.startswith(prefix) and n.endswith(".png"))
 
 
 def test_sample_grid_tiles_the_first_images():
@@ -113,3 +121,21 @@ def test_a_synthetic_reference_needs_synthetic_data(tmp_path):
     with pytest.raises(ValueError, match="eval.ref_stats='synthetic' is not valid: a 'synthetic' reference needs "
                                          "data.path: synthetic"):
         EvalHook(cfg, _committed_store(tmp_path, []))
+
+
+def test_the_training_runs_eval_hook_logs_grids_as_files_and_step_keyed_images(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import RunLogger, embedded_uri, open_run
+
+    uri = embedded_uri(str(tmp_path))
+    run_id = open_run(uri, "eval-hook", "h", {}, {}, str(tmp_path / "artifacts"))
+    tracker = RunLogger(uri, run_id)
+    hook = _hook(tmp_path, _committed_store(tmp_path, [100, 200]), _RecordingPool())
+    hook.tracker = tracker
+    hook.close(wait_s=60)  # the newest due checkpoint (200) is scored and logged
+    assert tracker.close(timeout_s=60)
+    client = MlflowClient(tracking_uri=uri)
+    assert [a.path for a in client.list_artifacts(run_id, "eval")] == ["eval/eval-step-200.png"]
+    assert _image_steps(client, run_id, "eval~samples") == [200]
+    assert [m.step for m in client.get_metric_history(run_id, "eval/fid")] == [200]

@@ -154,7 +154,8 @@ def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(c
     from trainer.checkpoint_store import CheckpointStore
 
     out = str(tmp_path / "runs")
-    job_id = _submit(cluster, "killed", out, env=["DIP_FAULT_STEP_SLEEP_S=0.5"])  # so the kill lands mid-run
+    job_id = _submit(cluster, "killed", out, extra=["tracking.system_metrics_interval_s=1"],
+                     env=["DIP_FAULT_STEP_SLEEP_S=0.5"])  # so the kill lands mid-run
     store = CheckpointStore(os.path.join(out, "killed", "checkpoints"))
     first = _wait_for_first_commit(store, job_id, cluster)
     assert first < STEPS
@@ -172,6 +173,21 @@ def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(c
     assert_bit_identical(ema, ref_ema, "EMA weights")
     listing = run_dip(["jobs", "list", "--address", cluster.address], env=cluster.client_env)
     assert job_id in listing.stdout and "SUCCEEDED" in listing.stdout
+    _assert_system_metrics_per_node(os.path.join(out, "killed"))
+
+
+def _assert_system_metrics_per_node(run_dir: str) -> None:
+    """MLflow's system metrics of a 2-node run: one monitor per node, each under its own node id."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import embedded_uri
+
+    client = MlflowClient(tracking_uri=embedded_uri(run_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name("dip").experiment_id])
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    for node in ("node_0", "node_1"):
+        assert f"system/{node}/cpu_utilization_percentage" in system, sorted(system)
+    assert all(key.split("/")[1] in ("node_0", "node_1") for key in system), sorted(system)
 
 
 @pytest.fixture

@@ -78,3 +78,64 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them():
         logger.log_metrics({"loss": float(step)}, step)
     assert logger.dropped >= 14 and logger.backlog <= 11
     logger.close(timeout_s=0.1)
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory):
+    """One sqlite store for the tests below (each opens its own run): creating a store costs seconds."""
+    root = tmp_path_factory.mktemp("mlflow-store")
+    return embedded_uri(str(root)), str(root / "artifacts")
+
+
+def test_grids_become_step_keyed_images_once_per_step(tmp_path, store_uri):
+    """RunLogger.log_image: MLflow's log_image(key=, step=) files, which the UI's image chart shows over steps."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    uri, artifacts = store_uri
+    run_id = open_run(uri, "dip-test", "images", {}, {}, artifacts)
+    logger = RunLogger(uri, run_id)
+    grid = tmp_path / "grid.png"
+    Image.fromarray(np.full((6, 10, 3), 200, np.uint8)).save(grid)
+    for step in (4, 8, 8):  # the last grid and the final one can fall on one step: shown once
+        logger.log_image(str(grid), "samples", step)
+    assert logger.close(timeout_s=60)
+    client = MlflowClient(tracking_uri=uri)
+    names = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")]
+    pngs = sorted(n for n in names if n.endswith(".png") and not n.endswith("+compressed.png"))
+    assert [n.split("+")[:3] for n in pngs] == [["samples", "step", "4"], ["samples", "step", "8"]]
+    assert client.get_run(run_id).data.tags["mlflow.loggedImages"].lower() == "true"
+    local = client.download_artifacts(run_id, f"images/{pngs[0]}", str(tmp_path / "back"))
+    assert np.asarray(Image.open(local)).shape == (6, 10, 3)
+
+
+def test_system_metrics_log_even_a_run_shorter_than_one_interval_under_its_node_id(store_uri):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import SystemMetrics
+
+    uri, artifacts = store_uri
+    run_id = open_run(uri, "dip-test", "system", {}, {}, artifacts)
+    monitor = SystemMetrics(uri, run_id, interval_s=60.0, node_id="node_1")
+    time.sleep(0.3)
+    monitor.stop()  # long before the first interval ends: MLflow's own finish() would log nothing
+    metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_megabytes"):
+        assert f"system/node_1/{name}" in metrics, sorted(metrics)
+    assert 0 < metrics["system/node_1/system_memory_usage_megabytes"]
+
+
+def test_system_metrics_follow_the_switch_and_sample_once_per_node():
+    from trainer.config import TrackingSection
+    from trainer.tracking import node_placement, placement, start_system_metrics
+
+    assert start_system_metrics(TrackingSection(system_metrics=False), "sqlite:///unused.db", "r" * 32, 0) is None
+    assert start_system_metrics(TrackingSection(), "sqlite:///unused.db", "", 0) is None  # no MLflow run
+    # a single process (no process group): it samples its machine, without a node id
+    assert node_placement(0) == (True, None)
+    # 4 ranks on 2 nodes (as Ray puts them, in any order): the lowest rank of each node samples it
+    nodes = ["n-b", "n-a", "n-b", "n-a"]
+    assert [placement(nodes, rank) for rank in range(4)] == [(True, "node_0"), (True, "node_1"),
+                                                             (False, "node_0"), (False, "node_1")]
+    assert [placement(["n-a"] * 2, rank) for rank in range(2)] == [(True, None), (False, None)]  # one node

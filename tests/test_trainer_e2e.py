@@ -10,7 +10,7 @@ from tests.test_trainer_support import metric_history, ray_cluster, tiny_config 
 pytestmark = pytest.mark.slow
 
 
-def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster):  # noqa: F811
+def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, monkeypatch):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     from cluster.launch import launch, plan_resume
@@ -18,9 +18,15 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster):  # noq
     from trainer.commands import export
     from trainer.model_io import load_sampling_model
 
-    cfg = tiny_config(tmp_path, "e2e", ["train.max_steps=8", "checkpoint.keep=1", "checkpoint.async_save=true"])
+    cfg = tiny_config(tmp_path, "e2e", ["train.max_steps=8", "checkpoint.keep=1", "checkpoint.async_save=true",
+                                        "samples.every_steps=4", "tracking.system_metrics_interval_s=1",
+                                        "tracking.log_model=true", "tracking.register_model=dip-e2e"])
     summary = launch(cfg)
     assert summary.status == "FINISHED" and summary.steps == 8
+    # stdout is not a terminal here (as in a log file or a Ray job): status lines, no progress bar redraws
+    output = capfd.readouterr()
+    assert "step 8/8 | loss" in output.out + output.err
+    assert "training:" not in output.out + output.err and "\r" not in output.err
 
     # checkpoints: only the newest (keep=1), committed, with every rank's shard
     store = CheckpointStore(summary.checkpoint_dir)
@@ -62,6 +68,8 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster):  # noq
     assert {"MODEL_CARD.md", "config", "samples"} <= artifacts
     assert summary.sample_grid and os.path.isfile(summary.sample_grid)
 
+    check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypatch)
+
     # dip export: EMA state dict identical to ema.pt
     out = tmp_path / "model.pt"
     export(summary.checkpoint_dir, str(out))
@@ -77,3 +85,62 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster):  # noq
         plan_resume(tiny_config(tmp_path, "e2e", ["checkpoint.resume=never"]), store)
     plan = plan_resume(tiny_config(tmp_path, "e2e", ["train.max_steps=20"]), store)
     assert plan.step == 8 and plan.mlflow_run_id == summary.mlflow_run_id
+
+
+def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypatch):
+    """What MLflow users expect of the run, read back through MLflow's client: live MFU figures, grids as
+    step-keyed images, system metrics, and the final EMA model as a registered, loadable LoggedModel."""
+    import mlflow
+    import numpy as np
+    from PIL import Image
+
+    from cluster.cli import main
+    from trainer.sample_cmd import sample_pixels
+    from trainer.step_metrics import flops_per_image
+
+    run_id, uri = summary.mlflow_run_id, summary.tracking_uri
+    # live MFU: achieved TFLOP/s per device = the run's counted FLOPs x its measured images/s / 2 workers;
+    # no MFU on a CPU (no peak): absent, not zero
+    flops = flops_per_image(cfg)
+    assert float(run.data.tags["training_flops_per_image"]) == flops and run.data.tags["device_name"] == "cpu"
+    images_per_s = {s: v[0] for s, v in metric_history(uri, run_id, "images_per_s").items()}
+    achieved = {s: v[0] for s, v in metric_history(uri, run_id, "tflops_per_s").items()}
+    assert sorted(achieved) == list(range(1, 9))
+    for step, value in achieved.items():
+        assert value == pytest.approx(images_per_s[step] * flops / 2 / 1e12, rel=1e-9), step
+    assert "mfu" not in run.data.metrics and "mfu_practical" not in run.data.metrics
+
+    # sample grids: step-keyed images at their steps (the grid at 8 and the final grid: one image), PNGs kept
+    images = [a.path.split("/", 1)[1] for a in client.list_artifacts(run_id, "images")]
+    png_steps = sorted(int(name.split("+")[2]) for name in images
+                       if name.startswith("samples+step+") and not name.endswith(".webp"))
+    assert png_steps == [4, 8]
+    assert {"samples/step-4.png", "samples/step-8.png", "samples/final.png"} <= \
+        {a.path for a in client.list_artifacts(run_id, "samples")}
+
+    # MLflow's system metrics, sampled on the (single) node while training: no node id in the names
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/{name}" in run.data.metrics, sorted(run.data.metrics)
+
+    # the final EMA model: one LoggedModel of this run, with its checkpoint and config hash, registered
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert len(models) == 1
+    model = models[0]
+    assert model.source_run_id == run_id and model.name == "e2e-ema"
+    assert model.tags["dip.checkpoint"] == step_dir and model.tags["dip.step"] == "8"
+    assert model.tags["dip.config_hash"] == run.data.tags["config_hash"] and model.tags["dip.weights"] == "copy"
+    assert [(o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs] == [(model.model_id, 8)]
+    version = client.get_model_version("dip-e2e", "1")
+    assert version.source == f"models:/{model.model_id}" and version.run_id == run_id
+
+    # loadable with mlflow.pytorch.load_model, and it samples the very images `dip sample` draws from ema.pt
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    loaded = mlflow.pytorch.load_model("models:/dip-e2e/1")
+    ours = sample_pixels(loaded, [0, 1, 2, 3], 16, seed=3, steps=2).numpy()
+    out = tmp_path / "dip-sample.png"
+    assert main(["sample", "--checkpoint", step_dir, "--labels", "0,1,2,3", "--seed", "3", "--steps", "2",
+                 "--resolution", "16", "--device", "cpu", "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))  # 2 x 2 tiles of 16 px
+    tiles = [grid[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] for r in range(2) for c in range(2)]
+    assert all(np.array_equal(tile, image) for tile, image in zip(tiles, ours))

@@ -16,7 +16,8 @@ TINY = {
     "optim": {"lr": 1.0e-3, "ema_decay": 0.9, "warmup_steps": 2, "grad_clip": 1.0},
     "train": {"max_steps": 12, "zero_stage": 2, "precision": "fp32", "log_every": 1, "stop_check_every": 2},
     "checkpoint": {"every_steps": 4, "keep": 2, "async_save": False},
-    "tracking": {"flush_timeout_s": 30.0},
+    # the final-model logging costs each finished run seconds; tests/test_trainer_e2e.py turns it on
+    "tracking": {"flush_timeout_s": 30.0, "log_model": False},
     "samples": {"num_classes": 2, "per_class": 2, "steps": 2},
     "cluster": {"num_workers": 2, "num_cpus": 2, "max_failures": 2, "dashboard": False},
 }

@@ -24,6 +24,7 @@ PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 RESUME_MODES = ("auto", "never")
 SAMPLING_METHODS = ("euler", "heun")
+MODEL_WEIGHTS = ("auto", "copy", "reference")
 SYNTHETIC_REF = "synthetic"               # eval.ref_stats: held-out images of the synthetic set
 SYNTHETIC_REF_START = 1_000_000           # their first index: far beyond any synthetic training set
 REPA_OFF, REPA_TINY = "", "tiny"
@@ -163,11 +164,30 @@ class TrackingSection:
     uri: str = ""                          # "" = an embedded sqlite store inside the run directory
     experiment: str = "dip"
     flush_timeout_s: float = 10.0          # how long a checkpoint/exit waits for buffered metrics
+    # MLflow's own system metrics (system/...: CPU, memory, disk, network; GPUs through nvidia-ml-py),
+    # sampled by one monitor per node (metric names carry the node id on multi-node runs)
+    system_metrics: bool = True
+    system_metrics_interval_s: float = 10.0
+    # the final EMA model as an MLflow LoggedModel (a FINISHED run only), loadable with
+    # mlflow.pytorch.load_model; weights: "copy" into MLflow, "reference" the checkpoint's ema.pt, or
+    # "auto": copy up to model_copy_max_mb, reference above
+    log_model: bool = True
+    model_weights: Literal["auto", "copy", "reference"] = "auto"
+    model_copy_max_mb: float = 1024.0
+    register_model: str = ""               # a registered model name to add the LoggedModel to ("" = none)
 
     def __post_init__(self):
         _require(isinstance(self.experiment, str) and self.experiment != "", "tracking.experiment",
                  self.experiment, "expected a non-empty name")
         _number_in("tracking.flush_timeout_s", self.flush_timeout_s, 0.0, float("inf"))
+        _number_in("tracking.system_metrics_interval_s", self.system_metrics_interval_s, 0.0, 3600.0, lo_open=True)
+        _require(self.model_weights in MODEL_WEIGHTS, "tracking.model_weights", self.model_weights,
+                 f"choose one of {list(MODEL_WEIGHTS)}")
+        _number_in("tracking.model_copy_max_mb", self.model_copy_max_mb, 0.0, float("inf"))
+        # MLflow's rule for registered model names
+        _require(isinstance(self.register_model, str) and self.register_model == self.register_model.strip()
+                 and not any(c in self.register_model for c in "/:"), "tracking.register_model",
+                 self.register_model, "expected \"\" (no registration) or a name without '/', ':' or outer spaces")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from trainer.checkpoint_store import CheckpointStore
 from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig
 
 log = logging.getLogger("dip.eval")
+EVAL_IMAGE_KEY = "eval/samples"  # the MLflow image key of eval grids (as trainer.eval.tracking logs them)
 
 
 class EvalHook:
@@ -79,6 +80,7 @@ class EvalHook:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(result.sample_grid).save(path)
         self.tracker.log_artifact(path, "eval")
+        self.tracker.log_image(path, EVAL_IMAGE_KEY, result.step or 0)
 
     def close(self, wait_s: float = 0.0) -> None:
         """wait_s > 0 (a run that ended well): the last committed checkpoint is still handed over if due

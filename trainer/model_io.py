@@ -161,7 +161,11 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
 
 def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
     """The EMA network in eval mode, from any supported checkpoint format."""
-    checkpoint = _read_checkpoint(resolve_checkpoint_path(path))
+    return model_from_checkpoint(_read_checkpoint(resolve_checkpoint_path(path))).to(device)
+
+
+def model_from_checkpoint(checkpoint: dict) -> DiP:
+    """The EMA network in eval mode (on the CPU) from a loaded checkpoint dict of any supported format."""
     model = DiP(_model_config(checkpoint))
     if "model_config" in checkpoint:
         load_official_state_dict(model, checkpoint["state_dict"])
@@ -169,4 +173,4 @@ def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
         load_official_state_dict(model, checkpoint, ema=_authors_network(checkpoint)[1])
     # Not frozen with requires_grad_(False): autocast caches its bf16 weight casts only for
     # leaves that require grad, and sampling already runs under no_grad.
-    return model.to(device).eval()
+    return model.eval()

@@ -57,13 +57,33 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
+def sample_pixels(model, labels: list[int], side: int, seed: int = 0, steps: int = 100, method: str = "euler",
+                  cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0), timeshift: float = 1.0,
+                  device="cpu", precision: str = "bf16", callback=None):
+    """What `dip sample` draws: uint8 (B, side, side, C) images of `labels`, from noise seeded by `seed`
+    (drawn on the CPU, so every device starts from the same noise)."""
+    import torch
+
+    from models.sampling import sample, to_uint8
+    from models.speed import mixed_precision
+
+    config = model.config
+    device = torch.device(device)
+    label_tensor = torch.tensor(labels, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(len(labels), config.in_channels, side, side, generator=generator).to(device)
+    with mixed_precision(device, precision):
+        x = sample(model, noise, label_tensor, steps=steps, method=method, cfg_scale=cfg_scale,
+                   cfg_interval=cfg_interval, timeshift=timeshift, null_label=config.num_classes, callback=callback)
+    return to_uint8(x)
+
+
 def run(args) -> int:
     import torch
     from PIL import Image
     from tqdm import tqdm
 
     from models.registry import create_model
-    from models.sampling import sample, to_uint8
     from trainer.model_io import checkpoint_facts, load_sampling_model, sampling_side
 
     if args.steps < 1:
@@ -94,23 +114,18 @@ def run(args) -> int:
         from models.speed import maybe_compile
         net = maybe_compile(model, enabled=True, dynamic=False)
 
-    labels = torch.tensor(args.labels, device=device)
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    noise = torch.randn(len(labels), config.in_channels, side, side, generator=generator).to(device)
     if args.benchmark:
         from models.speed import time_sampling
-        stats = time_sampling(net, batch=len(labels), steps=args.steps, cfg=args.cfg, device=device,
+        stats = time_sampling(net, batch=len(args.labels), steps=args.steps, cfg=args.cfg, device=device,
                               resolution=side, method=args.method, cfg_interval=args.interval,
                               precision=args.precision)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
         return 0
-    from models.speed import mixed_precision
-
-    with tqdm(total=args.steps, desc="sampling", unit="step") as bar, mixed_precision(device, args.precision):
-        x = sample(net, noise, labels, steps=args.steps, method=args.method, cfg_scale=args.cfg,
-                   cfg_interval=args.interval, timeshift=args.timeshift, null_label=config.num_classes,
-                   callback=lambda k, n: bar.update(1))
-    pixels = to_uint8(x).numpy()  # (B, H, W, C)
+    with tqdm(total=args.steps, desc="sampling", unit="step") as bar:
+        pixels = sample_pixels(net, args.labels, side, seed=args.seed, steps=args.steps, method=args.method,
+                               cfg_scale=args.cfg, cfg_interval=args.interval, timeshift=args.timeshift,
+                               device=device, precision=args.precision,
+                               callback=lambda k, n: bar.update(1)).numpy()  # (B, H, W, C)
     cols = math.ceil(math.sqrt(len(pixels)))
     rows = math.ceil(len(pixels) / cols)
     grid = Image.new("RGB", (cols * side, rows * side))

@@ -3,13 +3,15 @@
 `RunLogger` (rank 0 of the workers, and the driver) puts metrics, tags and artifacts on a queue; a
 daemon thread sends them in batches. When the tracking server is unreachable the thread keeps the
 items, warns (at most every 30 s) and retries with backoff; the step loop never waits, except at
-`flush(timeout)` (checkpoints, exit), which gives up after the timeout. The driver side
-(`open_run`, `finish_run`) creates or reopens the one MLflow run of a training run.
+`flush(timeout)` (checkpoints, exit), which gives up after the timeout. Images go the same way, as
+step-keyed MLflow images. `SystemMetrics` runs MLflow's system-metrics monitor, one per node. The driver
+side (`open_run`, `finish_run`) creates or reopens the one MLflow run of a training run.
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -41,7 +43,7 @@ def _limit_http_retries() -> None:
 
 @dataclass
 class _Item:
-    kind: str          # "metrics" | "tags" | "artifact"
+    kind: str          # "metrics" | "tags" | "artifact" | "image"
     payload: Any
     step: int = 0
     timestamp: int = 0
@@ -67,6 +69,7 @@ class RunLogger:
         self._in_flight = 0
         self._closed = False
         self._last_warning = 0.0
+        self._image_steps: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._run, name="dip-mlflow", daemon=True)
         self._thread.start()
 
@@ -89,6 +92,15 @@ class RunLogger:
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         self._put(_Item("artifact", (local_path, artifact_path)))
+
+    def log_image(self, local_path: str, key: str, step: int) -> None:
+        """An image file as a step-keyed MLflow image (`log_image(key=, step=)`: the UI's image chart with
+        a step slider). Once per (key, step): a grid drawn twice at one step is shown once."""
+        with self._cond:
+            if (key, step) in self._image_steps:
+                return
+            self._image_steps.add((key, step))
+        self._put(_Item("image", (local_path, key), step))
 
     @property
     def backlog(self) -> int:
@@ -147,6 +159,9 @@ class RunLogger:
         elif first.kind == "artifact":
             local_path, artifact_path = first.payload
             self.client.log_artifact(self.run_id, local_path, artifact_path)
+        elif first.kind == "image":
+            local_path, key = first.payload
+            send_image(self.client, self.run_id, local_path, key, first.step)
 
     def _run(self) -> None:
         backoff = self.retry_min_s
@@ -180,6 +195,94 @@ class RunLogger:
                         return
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
+
+
+def send_image(client, run_id: str, local_path: str, key: str, step: int) -> None:
+    """Log an image file at (key, step); MLflow stores it as images/<key>+step+<step>+...png (+ a webp)."""
+    from PIL import Image
+
+    with Image.open(local_path) as image:
+        client.log_image(run_id, image.convert("RGB"), key=key, step=step, synchronous=True)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                  System metrics (one monitor per node)
+# ----------------------------------------------------------------------------------------------
+
+def _node_key() -> str:
+    """This process's node: the Ray node id inside Ray, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray missing or not usable here: fall back to the host
+        pass
+    return socket.gethostname()
+
+
+def node_placement(rank: int) -> tuple[bool, str | None]:
+    """(whether this process samples its node, the node id for metric names). Every rank calls it: with
+    torch.distributed up, the ranks exchange their node (Ray node ids, not IPs: Ray Train's local ranks
+    go by IP, which several Ray nodes on one host share). The lowest rank of each node samples it; a run
+    on more than one node names them node_0, node_1, ... in the order of their lowest rank, and the
+    metric names carry them (system/node_1/cpu_utilization_percentage)."""
+    import torch.distributed as dist
+
+    me = _node_key()
+    if dist.is_available() and dist.is_initialized():
+        keys: list = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, me)
+        return placement(keys, rank)
+    return placement([me], 0)
+
+
+def placement(node_of_rank: list[str], rank: int) -> tuple[bool, str | None]:
+    """node_placement's rule, given every rank's node."""
+    me = node_of_rank[rank]
+    nodes = list(dict.fromkeys(node_of_rank))  # in the order of their lowest rank
+    return node_of_rank.index(me) == rank, (f"node_{nodes.index(me)}" if len(nodes) > 1 else None)
+
+
+class SystemMetrics:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network, and NVIDIA GPUs when
+    nvidia-ml-py can read them) on a background thread of one process per node; never on the step's path."""
+
+    def __init__(self, tracking_uri: str, run_id: str, interval_s: float, node_id: str | None):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        # resume_logging: a resumed or restarted run continues the steps of its earlier points
+        self.monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                            node_id=node_id, tracking_uri=tracking_uri)
+        self.node_id = node_id
+        self.monitor.start()
+
+    def stop(self) -> None:
+        """Stop sampling and send what is pending, including the samples since the last point (MLflow's
+        own finish drops those: a run shorter than one interval would otherwise log none)."""
+        try:
+            self.monitor.finish()
+            tail = self.monitor.aggregate_metrics()
+            if tail:
+                self.monitor.publish_metrics(tail)
+                self.monitor.mlflow_logger.flush()
+        except Exception as err:  # tracking must never fail the run
+            log.warning("system metrics of node %s: last points not logged (%s)", self.node_id or "0", err)
+
+
+def start_system_metrics(tracking, tracking_uri: str, run_id: str, rank: int) -> SystemMetrics | None:
+    """With tracking.system_metrics on (a TrackingSection), a SystemMetrics on the one process of this
+    node that samples it (see node_placement); None elsewhere. Every rank calls it (a collective)."""
+    if not (tracking.system_metrics and run_id):
+        return None
+    samples, node_id = node_placement(rank)
+    if not samples:
+        return None
+    try:
+        return SystemMetrics(tracking_uri, run_id, tracking.system_metrics_interval_s, node_id)
+    except Exception as err:  # e.g. the tracking server is away at start: train without them
+        log.warning("system metrics off on this node: %s", err)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

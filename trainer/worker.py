@@ -23,8 +23,10 @@ from trainer import faults
 from trainer.checkpoint import CheckpointManager, Resumed, RunIdentity, TrainProgress
 from trainer.checkpoint_store import CheckpointStore, step_name
 from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
+from trainer.mfu import device_name
 from trainer.rng import keyed_draws, seed_everything
-from trainer.step_metrics import IntervalMeter, flops_per_image, peak_flops_per_second, peak_memory_mb
+from trainer.step_metrics import IntervalMeter, compute_text, flops_per_image, peak_memory_mb
+from trainer.tracking import start_system_metrics
 
 log = logging.getLogger("dip.train")
 
@@ -41,6 +43,9 @@ class WorkerContext:
     tracking_uri: str
     mlflow_run_id: str
     config_hash: str = ""   # of the user's config (before the driver resolved data.path)
+    # the driver's stdout is a terminal: rank 0 draws a progress bar there. Otherwise (a log file, a
+    # pipe, a Ray job) the bar's redraws would be noise: the status line per log interval is the output
+    progress_bar: bool = False
 
 
 def configure_logging() -> None:
@@ -115,8 +120,12 @@ class TrainingRun:
             self.tracker = RunLogger(self.ctx.tracking_uri, self.ctx.mlflow_run_id)
         if self.is_main:
             self._report_start(resumed)
-        self.flops_per_image = flops_per_image(self.model_config, cfg.data.resolution)
-        self.peak_flops = peak_flops_per_second(self.device)
+        self.system_metrics = start_system_metrics(cfg.tracking, self.ctx.tracking_uri, self.ctx.mlflow_run_id,
+                                                   self.rank)
+        self.flops_per_image = flops_per_image(cfg)
+        self.device_name = device_name(self.device)
+        if self.tracker is not None:
+            self.tracker.set_tags({"training_flops_per_image": self.flops_per_image, "device_name": self.device_name})
         dist.barrier()
 
     def _report_start(self, resumed: Resumed | None) -> None:
@@ -233,7 +242,7 @@ class TrainingRun:
         loss = totals[0].item() / max(totals[1].item(), 1)
         self.progress.last_loss = loss
         step = self.progress.step
-        figures = meter.figures(self.cfg.global_batch, self.flops_per_image, self.peak_flops, self.world_size)
+        figures = meter.figures(self.cfg.global_batch, self.flops_per_image, self.device_name, self.world_size)
         metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": self._grad_norm(),
                    "peak_memory_mb": peak_memory_mb(self.device), "corrupt_samples": totals[2].item(),
                    "samples_seen": self.progress.samples_seen, "epoch": self.loader.epoch,
@@ -241,8 +250,8 @@ class TrainingRun:
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
         remaining = (self.cfg.train.max_steps - step) * figures["step_time_s"]
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | data wait %.0f%% | eta %s", step,
-                 self.cfg.train.max_steps, loss, metrics["lr"], figures["images_per_s"],
+        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | %s | data wait %.0f%% | eta %s", step,
+                 self.cfg.train.max_steps, loss, metrics["lr"], figures["images_per_s"], compute_text(figures),
                  100 * figures["data_wait_share"], _fmt_duration(remaining))
         if bar is not None:
             bar.set_description(f"loss {loss:.4f} | {figures['images_per_s']:.1f} img/s")
@@ -254,6 +263,7 @@ class TrainingRun:
         path = save_grid(images, self.cfg.samples.num_classes, os.path.join(self.ctx.run_dir, "samples", name))
         if self.tracker is not None:
             self.tracker.log_artifact(path, "samples")
+            self.tracker.log_image(path, "samples", self.progress.step)
         self.last_grid = path
         return path
 
@@ -314,11 +324,13 @@ class TrainingRun:
             summary["checkpoint_blocking_s_mean"] = sum(blocking) / len(blocking) if blocking else 0.0
             if self.tracker is not None:
                 self.tracker.close(self.cfg.tracking.flush_timeout_s)
+        if self.system_metrics is not None:
+            self.system_metrics.stop()
         self.loader.close()
         return summary
 
     def _progress_bar(self):
-        if not (self.is_main and self.in_ray):
+        if not (self.is_main and self.in_ray and self.ctx.progress_bar):
             return None
         from ray.experimental.tqdm_ray import tqdm
 
