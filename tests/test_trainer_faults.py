@@ -23,13 +23,13 @@ _REFERENCES: dict = {}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, ray_cluster, zero2_reference):  # noqa: F811
-    """The uninterrupted run of each ZeRO stage, computed once (ZeRO-2's once per session)."""
+def reference(tmp_path_factory, ray_cluster, request):  # noqa: F811
+    """The uninterrupted run of each ZeRO stage, computed once (ZeRO-2's and ZeRO-3's once per session)."""
     from cluster.launch import launch
 
     def get(stage: int):
-        if stage == 2:
-            return zero2_reference
+        if stage in (2, 3):
+            return request.getfixturevalue(f"zero{stage}_reference")
         if stage not in _REFERENCES:
             root = tmp_path_factory.mktemp(f"reference-zero{stage}")
             _REFERENCES[stage] = launch(tiny_config(root, f"ref{stage}", [f"train.zero_stage={stage}"]))

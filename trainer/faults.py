@@ -10,8 +10,8 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_KILL_IN_CHECKPOINT=S:R   rank R kills itself while writing checkpoint step-S
                                      (after its first file, before it reports its files done)
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
-  DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys"} of each
-                                 micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
+  DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
+                                 each micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
 """
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def record_samples(step: int, rank: int, world_size: int, attempt: str, keys: li
     directory = os.environ.get("DIP_FAULT_SAMPLE_LEDGER")
     if not directory:
         return
-    line = json.dumps({"step": step, "rank": rank, "world_size": world_size, "attempt": attempt, "keys": list(keys)})
+    line = json.dumps({"step": step, "rank": rank, "world_size": world_size, "attempt": attempt, "keys": list(keys),
+                       "time": time.time()})
     with open(os.path.join(directory, f"ledger-{os.getpid()}.jsonl"), "a") as f:
         f.write(line + "\n")
 
