@@ -203,12 +203,14 @@ def _register_plan(subparsers) -> None:
 
 
 def run_plan(args) -> int:
-    from cluster.plan import Hardware, format_plan, make_plan, parse_size
+    from cluster.plan import Hardware, format_elastic_ends, format_plan, make_plan, parse_size
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    gpus = cfg.cluster.num_workers if args.gpus is None else args.gpus
+    gpus = cfg.cluster.max_workers if args.gpus is None else args.gpus
     hardware = Hardware(gpus=gpus, gpu_memory=parse_size(args.gpu_memory), reserve=parse_size(args.reserve))
     plan = make_plan(cfg, hardware, config_name=args.config)
     print(format_plan(plan))
+    if cfg.cluster.elastic:
+        print(format_elastic_ends(cfg, hardware))
     return 0

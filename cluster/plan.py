@@ -361,7 +361,7 @@ def make_plan(cfg, hardware: Hardware, config_name: str = "") -> Plan:
                                 fits=config_peak <= hardware.usable))
     return Plan(config_name=config_name, model_name=cfg.model.name, resolution=cfg.data.resolution,
                 precision=precision, checkpointing=ckpt, micro_batch=micro, grad_accum=cfg.train.grad_accum,
-                config_gpus=cfg.cluster.num_workers, config_global_batch=cfg.global_batch, trainable=trainable,
+                config_gpus=cfg.cluster.max_workers, config_global_batch=cfg.global_batch, trainable=trainable,
                 denoiser=denoiser, frozen=frozen, hardware=hardware, activations=acts, stages=stages,
                 config_stage=cfg.train.zero_stage)
 
@@ -449,4 +449,21 @@ def format_plan(plan: Plan) -> str:
         if micro:
             lines.append(f"to keep the config's global batch {target} on {hw.gpus} GPU(s) with ZeRO-{plan.config_stage}: "
                          f"data.batch_size={micro} train.grad_accum={per_gpu // micro} cluster.num_workers={hw.gpus}")
+    return "\n".join(lines)
+
+
+def format_elastic_ends(cfg, hardware: Hardware) -> str:
+    """An elastic run (cluster.num_workers: [min, max]) at each end of its range: the batch split Ray's
+    restarts will use, and whether the config's ZeRO stage fits there (fewer ranks hold bigger shards)."""
+    from dataclasses import replace
+
+    lines = [f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers, global batch {cfg.global_batch}"]
+    for workers in sorted({cfg.cluster.min_workers, cfg.cluster.max_workers}):
+        split = cfg.batch_split(workers)
+        at = replace(cfg, data=cfg.data.replace(batch_size=split.micro_batch),
+                     train=replace(cfg.train, grad_accum=split.grad_accum))
+        stage = make_plan(at, replace(hardware, gpus=workers)).stage(cfg.train.zero_stage)
+        verdict = "fits" if stage.fits else "DOES NOT FIT"
+        lines.append(f"  at {workers} worker(s): {split.describe()}; ZeRO-{cfg.train.zero_stage} needs "
+                     f"{_gib(stage.config_peak)} of {_gib(hardware.usable)} GiB per GPU: {verdict}")
     return "\n".join(lines)

@@ -318,12 +318,13 @@ class TrainConfig:
             depth = self.model.dip_config().depth
             _require(self.objective.repa_block <= depth, "objective.repa_block", self.objective.repa_block,
                      f"must be <= the depth {depth} of {self.model.name}")
-        impossible = [w for w in self.cluster.worker_counts() if solve_batch_split(self.global_batch, self.data.batch_size, w) is None]
+        ends = sorted({self.cluster.min_workers, self.cluster.max_workers})
+        impossible = [w for w in ends if solve_batch_split(self.global_batch, self.data.batch_size, w) is None]
         if impossible:
             raise ValueError(f"cluster.num_workers={_show_workers(self.cluster.num_workers)}: the global batch "
-                             f"{self.global_batch} ({self.batch_arithmetic()}) cannot be split evenly over "
-                             f"{', '.join(map(str, impossible))} worker(s) with micro-batches of at most "
-                             f"data.batch_size={self.data.batch_size}; choose a range whose sizes divide it")
+                             f"{self.global_batch} (data.batch_size x {self.cluster.max_workers} workers x "
+                             f"train.grad_accum) cannot be split evenly over {impossible[0]} workers; choose a "
+                             f"minimum that divides {self.global_batch}")
 
     # -- derived facts -------------------------------------------------------------------------
     @property
@@ -339,8 +340,10 @@ class TrainConfig:
         """How `world_size` workers make up the global batch (re-solved at every (re)start)."""
         split = solve_batch_split(self.global_batch, self.data.batch_size, world_size)
         if split is None:
-            raise ValueError(f"{world_size} workers cannot keep the global batch {self.global_batch} "
-                             f"({self.batch_arithmetic()}): it is not a multiple of {world_size}")
+            raise ValueError(f"{world_size} workers cannot keep the global batch {self.global_batch} (data.batch_size="
+                             f"{self.data.batch_size} x {self.cluster.max_workers} workers x train.grad_accum="
+                             f"{self.train.grad_accum}): it is not a multiple of {world_size}; refusing to train "
+                             f"on another global batch")
         return split
 
     def batch_arithmetic(self) -> str:
@@ -348,7 +351,17 @@ class TrainConfig:
         if not self.cluster.elastic:
             return top.describe()
         low = self.batch_split(self.cluster.min_workers)
-        return f"{top.describe()} at {top.world_size} workers; {low.describe()} at {low.world_size}"
+        text = f"{top.describe()} at {top.world_size} workers; {low.describe()} at {low.world_size}"
+        skipped = self.unusable_worker_counts()
+        if skipped:
+            text += (f"; {', '.join(map(str, skipped))} workers cannot keep it: a restart Ray makes with that many "
+                     "is refused and retried (cluster.max_failures)")
+        return text
+
+    def unusable_worker_counts(self) -> list[int]:
+        """World sizes inside an elastic range that cannot split the global batch evenly."""
+        return [w for w in self.cluster.worker_counts()
+                if solve_batch_split(self.global_batch, self.data.batch_size, w) is None]
 
 
 @dataclass(frozen=True)

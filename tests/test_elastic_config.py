@@ -1,0 +1,69 @@
+"""Elastic configs: the worker range, the global batch it keeps, and the resume rule (pure logic)."""
+import pytest
+
+from tests.test_trainer_support import TINY
+from trainer.config import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
+
+
+def _cfg(*overrides: str):
+    return config_from_dict(TINY, list(overrides))
+
+
+def test_a_range_states_the_global_batch_at_its_top_and_splits_it_at_every_size():
+    cfg = _cfg("cluster.num_workers=[1,4]", "data.batch_size=8", "train.grad_accum=2")
+    assert cfg.cluster.elastic and (cfg.cluster.min_workers, cfg.cluster.max_workers) == (1, 4)
+    assert cfg.global_batch == 8 * 4 * 2
+    splits = {w: cfg.batch_split(w) for w in (1, 2, 4)}
+    assert [(s.micro_batch, s.grad_accum) for s in splits.values()] == [(8, 8), (8, 4), (8, 2)]
+    assert all(s.global_batch == 64 for s in splits.values())
+    # 3 workers: 64 is no multiple of 3; inside the range it is named, at a restart it is refused
+    assert cfg.unusable_worker_counts() == [3]
+    assert "3 workers cannot keep it" in cfg.batch_arithmetic()
+    with pytest.raises(ValueError, match=r"3 workers cannot keep the global batch 64 .*refusing to train"):
+        cfg.batch_split(3)
+
+
+def test_the_split_keeps_the_largest_micro_batch_that_fits_the_configured_one():
+    assert solve_batch_split(48, 8, 4).micro_batch == 6 and solve_batch_split(48, 8, 4).grad_accum == 2
+    assert solve_batch_split(16, 8, 1).micro_batch == 8 and solve_batch_split(16, 8, 1).grad_accum == 2
+    assert solve_batch_split(16, 8, 3) is None
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[3,2]", "expected \\[min, max\\] with min <= max"),
+    ("[0,2]", "cluster.num_workers\\[0\\]=0 is not valid"),
+    ("[1,2,3]", "cluster.num_workers=\\[1, 2, 3\\] is not valid"),
+])
+def test_a_bad_range_names_the_key(value, message):
+    with pytest.raises(ValueError, match=message):
+        _cfg(f"cluster.num_workers={value}")
+
+
+def test_an_end_of_the_range_that_cannot_keep_the_global_batch_is_refused_at_load():
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 workers; choose a minimum that divides 8"):
+        _cfg("cluster.num_workers=[3,4]")  # 2 x 4 x 1 = 8 at the top
+    assert _cfg("cluster.num_workers=[2,2]").cluster.num_workers == 2  # [n, n] is a fixed size
+
+
+def test_resuming_on_another_world_size_is_fine_unless_the_global_batch_changes():
+    saved = to_dict(_cfg())  # 2 x 2 workers x 1 = 4
+    assert resume_incompatibilities(saved, _cfg("cluster.num_workers=1", "train.grad_accum=2")) == []
+    assert resume_incompatibilities(saved, _cfg("cluster.num_workers=[1,2]")) == []
+    problems = resume_incompatibilities(saved, _cfg("cluster.num_workers=4"))
+    assert len(problems) == 1
+    assert "the global batch was 4" in problems[0] and "now 8" in problems[0]
+    assert "set data.batch_size=1 or cluster.num_workers=2" in problems[0]
+
+
+def test_dip_plan_and_train_check_show_both_ends_of_the_range(capsys):
+    from cluster.cli import main
+
+    assert main(["plan", "configs/dip_xl16_256.yaml", "cluster.num_workers=[4,8]", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "elastic: 4 to 8 workers, global batch 256" in out
+    assert "at 4 worker(s): micro-batch 32 x 4 workers x 2 accumulation = 256 images per step; ZeRO-2 needs" in out
+    assert "at 8 worker(s): micro-batch 32 x 8 workers x 1 accumulation" in out
+    assert main(["train", "configs/quickstart_cpu.yaml", "--check", "cluster.num_workers=[1,2]"]) == 0
+    out = capsys.readouterr().out
+    assert ("micro-batch 8 x 2 workers x 1 accumulation = 16 images per step at 2 workers; "
+            "micro-batch 8 x 1 workers x 2 accumulation = 16 images per step at 1") in out
