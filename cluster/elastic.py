@@ -11,7 +11,8 @@ A shrink follows a loss, so the steps since the last checkpoint are lost once, a
 grow is Ray's decision on a healthy group, and Ray's restart would throw those steps away a second
 time: `CheckpointBeforeGrow` runs inside Ray Train's controller just before it executes the resize,
 asks the workers (through the checkpoint store, like a stop request) to commit a checkpoint at their
-next stop check, waits for the commit (bounded), then lets Ray restart the group from it.
+next stop check, waits until they answer with its committed step (bounded), then lets Ray restart
+the group from it.
 """
 from __future__ import annotations
 
@@ -42,9 +43,13 @@ def checkpoint_before_grow(checkpoint_uri: str, timeout_s: float, poll_s: float 
             self._running_group_resizes = False
 
         def after_controller_state_update(self, previous_state, current_state) -> None:
-            # RUNNING -> RESIZING is the elastic monitor growing (or shrinking) a healthy group; restarts
+            # RUNNING -> RESIZING -> SCHEDULING is the elastic monitor resizing a healthy group; restarts
             # after a failure go RESTARTING -> SCHEDULING, with nobody left to write a checkpoint
-            self._running_group_resizes = type(current_state).__name__ == "ResizingState"
+            state = type(current_state).__name__
+            if state == "ResizingState":
+                self._running_group_resizes = True
+            elif state != "SchedulingState":
+                self._running_group_resizes = False
 
         def before_controller_execute_resize_decision(self, decision) -> None:
             if not self._running_group_resizes:
@@ -57,18 +62,17 @@ def checkpoint_before_grow(checkpoint_uri: str, timeout_s: float, poll_s: float 
             from trainer.checkpoint_store import CheckpointStore
 
             store = CheckpointStore(self.checkpoint_uri)
-            before = store.latest_committed(warn=False)
             store.request_resize(to_workers)
             log.warning("elastic: capacity for %d workers: asking the workers for a checkpoint before the resize",
                         to_workers)
             deadline = time.monotonic() + self.timeout_s
             try:
                 while time.monotonic() < deadline:
-                    latest = store.latest_committed(warn=False)
-                    if latest is not None and (before is None or latest > before):
-                        log.warning("elastic: checkpoint %s committed: resizing to %d workers", store.display(latest),
+                    step = store.resize_checkpoint()  # the workers' answer: the step they committed for it
+                    if step is not None and store.verify(step).ok:
+                        log.warning("elastic: checkpoint %s committed: resizing to %d workers", store.display(step),
                                     to_workers)
-                        return latest
+                        return step
                     time.sleep(self.poll_s)
                 log.warning("elastic: no checkpoint within %.0f s: resizing from the last one", self.timeout_s)
                 return None

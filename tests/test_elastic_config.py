@@ -67,3 +67,45 @@ def test_dip_plan_and_train_check_show_both_ends_of_the_range(capsys):
     out = capsys.readouterr().out
     assert ("micro-batch 8 x 2 workers x 1 accumulation = 16 images per step at 2 workers; "
             "micro-batch 8 x 1 workers x 2 accumulation = 16 images per step at 1") in out
+
+
+def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restart_does_not(tmp_path):
+    """cluster/elastic.py's controller hook, driven through Ray Train's real controller states; the workers'
+    side (answering the request with a committed step) played by a thread."""
+    import threading
+
+    from ray.train.v2._internal.execution.controller.state import (ResizingState, RestartingState, RunningState,
+                                                                  SchedulingState)
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+
+    from cluster.elastic import checkpoint_before_grow
+    from trainer.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "checkpoints"))
+    store.commit(4, {}, {})  # a periodic checkpoint: not the answer to a request
+    hook = checkpoint_before_grow(store.root, timeout_s=30, poll_s=0.05)
+    decision = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+
+    def workers_answer():
+        while not store.resize_requested():
+            pass
+        store.commit(6, {}, {})
+        store.answer_resize(6)
+
+    answering = threading.Thread(target=workers_answer)
+    answering.start()
+    hook.after_controller_state_update(RunningState(), ResizingState(decision))
+    hook.after_controller_state_update(ResizingState(decision), SchedulingState(decision))
+    hook.before_controller_execute_resize_decision(decision)  # blocks until step 6 is committed and answered
+    answering.join(timeout=10)
+    assert not store.resize_requested()  # cleared: the restarted group must not see it
+
+    # a restart after a failure: nobody is left to checkpoint, the hook does not ask
+    hook.after_controller_state_update(RunningState(), RestartingState(training_failed_error=None))
+    hook.after_controller_state_update(RestartingState(training_failed_error=None), SchedulingState(decision))
+    hook.before_controller_execute_resize_decision(decision)
+    assert not store.resize_requested()
+
+    # no answer in time: the request is withdrawn and Ray resizes from the last checkpoint
+    slow = checkpoint_before_grow(store.root, timeout_s=0.3, poll_s=0.05)
+    assert slow.checkpoint_now(2) is None and not store.resize_requested()

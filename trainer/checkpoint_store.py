@@ -254,6 +254,15 @@ class CheckpointStore:
     def resize_requested(self) -> bool:
         return self.fs.get_file_info(self.path(RESIZE_REQUEST)).type == pafs.FileType.File
 
+    def answer_resize(self, step: int) -> None:
+        """The workers' answer to a resize request: the step they committed for it."""
+        note = self.read_json(RESIZE_REQUEST) or {}
+        self.write_json(RESIZE_REQUEST, {**note, "checkpoint_step": step})
+
+    def resize_checkpoint(self) -> int | None:
+        note = self.read_json(RESIZE_REQUEST) or {}
+        return note.get("checkpoint_step")
+
     def clear_resize_request(self) -> None:
         self._delete_note(RESIZE_REQUEST)
 

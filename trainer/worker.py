@@ -31,8 +31,10 @@ from trainer.tracking import start_system_metrics
 log = logging.getLogger("dip.train")
 
 STOP_NONE, STOP_RESIZE, STOP_REQUESTED, STOP_PREEMPTION = 0, 1, 2, 3  # agreed by MAX over ranks
-RESIZE_WAIT_S = 300.0   # an elastic grow: how long the workers wait for Ray to restart them after the checkpoint
-RESIZE_GRACE_S = 5.0
+# An elastic grow: after the checkpoint for it, the workers wait (instead of training steps the restart
+# would throw away) while the controller waits for the commit, then for the restart it starts right after.
+RESIZE_WAIT_S = 300.0
+RESIZE_GRACE_S = 120.0
 
 
 @dataclass
@@ -223,13 +225,15 @@ class TrainingRun:
     def _await_resize(self) -> None:
         """An elastic grow: the checkpoint is committed; Ray restarts the group with more workers as soon
         as the driver side has seen it. Wait for that (bounded), then carry on if it never came."""
-        self.checkpoints.wait()
+        self.checkpoints.wait()  # on rank 0 that includes the commit
+        if self.is_main:
+            self.store.answer_resize(self.progress.step)
         log.info("checkpoint for the resize written at step %d: waiting for Ray to restart the group",
                  self.progress.step)
         deadline = time.monotonic() + RESIZE_WAIT_S
         while time.monotonic() < deadline and self.store.resize_requested():
             time.sleep(0.5)
-        time.sleep(RESIZE_GRACE_S)  # the request is gone: the restart is on its way
+        time.sleep(RESIZE_GRACE_S)  # the request is gone: Ray's restart of the group is on its way
         dist.barrier()
         log.warning("no restart came after the resize checkpoint at step %d: training on", self.progress.step)
 
