@@ -22,22 +22,26 @@ import time
 log = logging.getLogger("dip.elastic")
 
 
-def _callback_bases() -> tuple[type, ...]:
-    """Ray Train's user callback, plus its controller hook interface (internal in Ray 2.60: without it,
-    a grow still works, it just restarts from the last periodic checkpoint)."""
-    from ray.train import UserCallback
-
+def _controller_callback() -> type | None:
+    """Ray Train's controller hook interface (internal in Ray 2.60; Ray hands a RunConfig callback that
+    is not a UserCallback to the controller as it is). None: another Ray, no pre-resize hook: a grow
+    still works, it just restarts from the last periodic checkpoint."""
     try:
         from ray.train.v2._internal.execution.callback import ControllerCallback
-    except ImportError:  # another Ray version: no pre-resize hook
-        return (UserCallback,)
-    return (UserCallback, ControllerCallback)
+    except ImportError:
+        return None
+    return ControllerCallback
 
 
 def checkpoint_before_grow(checkpoint_uri: str, timeout_s: float, poll_s: float = 0.5):
-    """The callback instance for RunConfig(callbacks=[...]); see the module docstring."""
+    """The callback instance for RunConfig(callbacks=[...]) (None without the hook interface); see the
+    module docstring."""
+    base = _controller_callback()
+    if base is None:
+        log.warning("elastic: this Ray has no controller hooks: a grow restarts from the last periodic checkpoint")
+        return None
 
-    class CheckpointBeforeGrow(*_callback_bases()):
+    class CheckpointBeforeGrow(base):
         def __init__(self):
             self.checkpoint_uri, self.timeout_s, self.poll_s = checkpoint_uri, timeout_s, poll_s
             self._running_group_resizes = False

@@ -219,7 +219,8 @@ def build_trainer(run: PreparedRun, run_id: str):
         from cluster.elastic import checkpoint_before_grow
 
         scaling["elastic_resize_monitor_interval_s"] = cfg.cluster.resize_check_s
-        callbacks.append(checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s))
+        hook = checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s)
+        callbacks += [hook] if hook is not None else []
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(run.worker_cfg),

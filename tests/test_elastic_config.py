@@ -109,3 +109,22 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restar
     # no answer in time: the request is withdrawn and Ray resizes from the last checkpoint
     slow = checkpoint_before_grow(store.root, timeout_s=0.3, poll_s=0.05)
     assert slow.checkpoint_now(2) is None and not store.resize_requested()
+
+
+def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_path):
+    """What cluster.launch.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
+    resize interval, and the hook among the callbacks Ray Train gives its controller as they are (a
+    UserCallback would be wrapped in a handler that only forwards report/exception events)."""
+    from cluster.launch import PreparedRun, ResumePlan, build_trainer, run_paths
+    from trainer.checkpoint_store import CheckpointStore
+
+    cfg = _cfg("cluster.num_workers=[1,2]", "cluster.resize_check_s=7", f"output_dir={tmp_path}")
+    paths = run_paths(cfg)
+    trainer = build_trainer(PreparedRun(cfg, cfg, paths, CheckpointStore(paths.checkpoint_uri), ResumePlan()), "id")
+    assert trainer.scaling_config.num_workers == (1, 2)
+    assert trainer.scaling_config.elastic_resize_monitor_interval_s == 7
+    assert "CheckpointBeforeGrow" in [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+    fixed = _cfg(f"output_dir={tmp_path}")
+    plain = build_trainer(PreparedRun(fixed, fixed, paths, CheckpointStore(paths.checkpoint_uri), ResumePlan()), "id")
+    assert plain.scaling_config.num_workers == 2
+    assert "CheckpointBeforeGrow" not in [type(cb).__name__ for cb in plain._create_default_callbacks()]
