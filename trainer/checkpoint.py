@@ -280,10 +280,9 @@ class CheckpointManager:
         self.loader.load_state_dict(mine["data"])
         if same_world:
             restore_rng(mine["rng"])
-        if self.ema is not None:
-            payload = load_ema_file(self.store, step)
-            self.ema.load_state_dict({"decay": self.ema.decay, "num_updates": state["ema_num_updates"],
-                                      "weights": payload["state_dict"]})
+        # rank 0 reads ema.pt; under ZeRO-3 each rank keeps its partition at this world size (collective)
+        ema_weights = load_ema_file(self.store, step)["state_dict"] if self.rank == 0 else None
+        self.ema.load_full_state_dict(ema_weights, state["ema_num_updates"])
         self.progress.load_state_dict(state)
         self.last_saved_step = self.progress.step
         return Resumed(step, self.store.display(step), saved_world, state.get("batch_split"), resharded)
@@ -300,10 +299,11 @@ class CheckpointManager:
         gathered: list | None = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(rank_state, gathered, dst=0)
         files = snapshot_engine(self.engine, step, self.staging_dir)
+        ema_weights = self.ema.full_state_dict()  # collective under ZeRO-3; a host copy on rank 0
         marker_info = {}
         if self.rank == 0:
             files += [(TRAIN_STATE, self._train_state(step, gathered)),
-                      (EMA_FILE, to_host(ema_file_payload(self.identity.model_config, self.ema.module.state_dict())))]
+                      (EMA_FILE, ema_file_payload(self.identity.model_config, ema_weights))]
             marker_info = {"world_size": self.world_size, "attempt": self.attempt,
                            "config_hash": self.identity.config_hash}
         request = SaveRequest(step, files, marker_info)

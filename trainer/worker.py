@@ -1,8 +1,9 @@
 """The per-worker training loop: one of these runs on every Ray Train rank.
 
 Each rank builds the same DiP (same seed), wraps it in a DeepSpeed engine, streams its share of
-the shards, and steps. Rank 0 also keeps the EMA, logs to MLflow through a background queue, draws
-sample grids and shows the progress bar. Set-up reads as: split the global batch for this world
+the shards, and steps. Every rank keeps the EMA of what it holds (trainer.training_ema: all of it on
+rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to MLflow through a
+background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global batch for this world
 size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager: the newest
 committed checkpoint, written at this world size or another) -> loop (step, log, save, grid) ->
 close.
@@ -86,8 +87,8 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from data import build_dataloader
-        from models.ema import EMA
         from trainer.engine import build_engine, build_objective_module
+        from trainer.training_ema import build_training_ema
 
         cfg = self.cfg
         faults.record_pid(self.rank)
@@ -96,12 +97,12 @@ class TrainingRun:
         module = build_objective_module(cfg)
         self.num_params = sum(p.numel() for p in module.denoiser.parameters())
         # the EMA starts from the same initial weights as the model, before DeepSpeed shards or casts them
-        self.ema = EMA(module.denoiser, cfg.optim.ema_decay) if self.is_main else None
+        self.ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, cfg.train.zero_stage, self.rank,
+                                      self.world_size)
         self.engine = build_engine(cfg, module, self.split)
         self.device = self.engine.device
         self.input_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-        if self.ema is not None:
-            self.ema.module.to(self.device)
+        self.ema.to(self.device)
         self.loader = build_dataloader(cfg.data.replace(batch_size=self.split.micro_batch), self.rank,
                                        self.world_size)
         self.store = CheckpointStore(self.ctx.checkpoint_uri)
@@ -113,8 +114,6 @@ class TrainingRun:
             keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
             commit_timeout_s=cfg.checkpoint.commit_timeout_s)
         resumed = self.checkpoints.resume(enabled=cfg.checkpoint.resume == "auto")
-        if self.ema is not None:
-            self.ema.module.to(self.device)
         self.tracker = None
         if self.is_main and self.ctx.mlflow_run_id:
             from trainer.tracking import RunLogger
@@ -182,15 +181,7 @@ class TrainingRun:
         return torch.stack(losses).mean(), data_wait
 
     def _update_ema(self) -> None:
-        denoiser = self.engine.module.denoiser
-        if self.cfg.train.zero_stage == 3:  # the weights are partitioned: gather them (a collective)
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(denoiser.parameters()), modifier_rank=None):
-                if self.ema is not None:
-                    self.ema.update(denoiser)
-        elif self.ema is not None:
-            self.ema.update(denoiser)
+        self.ema.update(self.engine.module.denoiser)  # local on every rank, at every ZeRO stage
 
     def _grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
@@ -260,10 +251,15 @@ class TrainingRun:
         if bar is not None:
             bar.set_description(f"loss {loss:.4f} | {figures['images_per_s']:.1f} img/s")
 
-    def make_grid(self, name: str) -> str:
+    def make_grid(self, name: str) -> str | None:
+        """Collective (ZeRO-3 gathers the EMA for it): every rank calls it; rank 0 draws and saves."""
         from trainer.sample_grid import sample_grid, save_grid
 
-        images = sample_grid(self.ema.module, self.cfg.samples, self.cfg.data.resolution, self.device)
+        model = self.ema.sampling_module()
+        if not self.is_main:
+            return None
+        images = sample_grid(model, self.cfg.samples, self.cfg.data.resolution, self.device)
+        del model  # under ZeRO-3 a whole fp32 copy built for this grid
         path = save_grid(images, self.cfg.samples.num_classes, os.path.join(self.ctx.run_dir, "samples", name))
         if self.tracker is not None:
             self.tracker.log_artifact(path, "samples")
@@ -298,7 +294,7 @@ class TrainingRun:
                 preempt_saved = True
             elif progress.step % cfg.checkpoint.every_steps == 0 or stop in (STOP_REQUESTED, STOP_RESIZE):
                 self.save_checkpoint()
-            if self.is_main and cfg.samples.every_steps and progress.step % cfg.samples.every_steps == 0:
+            if cfg.samples.every_steps and progress.step % cfg.samples.every_steps == 0:
                 self.make_grid(f"{step_name(progress.step)}.png")
             if stop == STOP_REQUESTED:
                 self.stop_reason = "stop requested"
@@ -315,14 +311,14 @@ class TrainingRun:
 
     def finish(self) -> dict:
         progress = self.progress
+        if not self.stop_reason:
+            self.make_grid("final.png")
         summary = {"step": progress.step, "samples_seen": progress.samples_seen, "stopped": bool(self.stop_reason),
                    "num_params": self.num_params, "last_loss": progress.last_loss, "world_size": self.world_size,
                    "resizes": progress.resizes,
                    "last_checkpoint": self.store.display(self.checkpoints.last_committed
                                                          or self.checkpoints.last_saved_step)}
         if self.is_main:
-            if not self.stop_reason:
-                self.make_grid("final.png")
             summary["sample_grid"] = self.last_grid
             blocking = self.checkpoints.blocking_seconds
             summary["checkpoint_blocking_s_mean"] = sum(blocking) / len(blocking) if blocking else 0.0
