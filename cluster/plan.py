@@ -3,7 +3,8 @@
 Two parts, both plain arithmetic (no GPU, no allocation; parameter counts come from a model built on
 the `meta` device):
 
-* Model states per GPU (parameters, gradients, optimizer states, EMA, DeepSpeed buffers). The
+* Model states per GPU (parameters, gradients, optimizer states, EMA, DeepSpeed buffers; the EMA
+  is whole on rank 0 under ZeRO-0/1/2 and partitioned like the weights under ZeRO-3). The
   per-parameter byte counts are what DeepSpeed 0.19.8 allocates with our engine config
   (trainer/engine.py: torch AdamW, contiguous gradients, default bucket sizes), measured on CPU with
   two gloo ranks (tests/test_plan_zero_states.py checks them against live tensors).
@@ -13,7 +14,8 @@ the `meta` device):
   compares the estimate with the bytes of saved tensors and with the RSS peak measured on CPU.
 
 What is not modelled: cuDNN/NCCL workspaces, allocator fragmentation and the CUDA context, all
-covered by a flat `reserve` (default 2 GiB), and rank 0's periodic sample grids (inference only).
+covered by a flat `reserve` (default 2 GiB), and the sampling activations of rank 0's periodic sample
+grids (inference only; under ZeRO-3 the whole EMA gathered for a grid is counted).
 """
 from __future__ import annotations
 
@@ -218,14 +220,14 @@ def activation_breakdown(model, resolution: int, precision: str) -> ActivationBr
 
 @dataclass(frozen=True)
 class ModelStates:
-    """Bytes on the busiest GPU (rank 0, which also holds the EMA)."""
+    """Bytes on the busiest GPU (rank 0: the whole EMA under ZeRO-0/1/2, the grids' gathered EMA under ZeRO-3)."""
     params: int          # training-dtype weights (a 1/N partition under ZeRO-3)
     grads: int           # gradient partition + the reduce bucket being filled
     optimizer: int       # fp32 master weights + AdamW m and v (partitioned from ZeRO-1 on)
-    ema: int             # fp32 EMA copy of the denoiser, on rank 0 only
+    ema: int             # fp32 EMA of the denoiser: whole on rank 0 (ZeRO-0/1/2), 1/N on every rank (ZeRO-3)
     frozen: int          # frozen REPA encoder weights (fp32), on every rank
     working: int         # ZeRO-3: parameters gathered for the layer running + the prefetch bucket
-    step_transient: int  # after backward: fp32 gradient copies for the step; ZeRO-3's full-model gather for the EMA
+    step_transient: int  # between steps: fp32 gradient copies for the step; ZeRO-3: the EMA gathered for a grid
 
     @property
     def persistent(self) -> int:
@@ -241,6 +243,9 @@ def model_states(trainable: int, denoiser: int, frozen: int, precision: str, zer
                 partition is kept even in fp32)
       ZeRO-3: weights b/N, gradients b/N + a reduce bucket of 5e8 elements allocated up front,
               optimizer 12/N, plus the layer being gathered and the prefetch bucket
+
+    The fp32 EMA (trainer/training_ema.py): 4 per denoiser parameter on rank 0 under ZeRO-0/1/2; under
+    ZeRO-3 each rank keeps its partition, 4/N, and rank 0 gathers the whole 4 for a sample grid.
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"zero_stage={zero_stage!r} is not valid: choose one of {list(ZERO_STAGES)}")
@@ -262,9 +267,10 @@ def model_states(trainable: int, denoiser: int, frozen: int, precision: str, zer
         grads = math.ceil(b * trainable / n) + b * REDUCE_BUCKET_ELEMENTS
         optimizer = math.ceil(12 * trainable / n)
         working = b * (2 * largest_module + STAGE3_PREFETCH_ELEMENTS)
-        # the EMA update gathers the whole denoiser at once (trainer/worker.py _update_ema)
-        step = max(math.ceil(FP32 * trainable / n) if precision == "bf16" else 0, b * denoiser)
-    return ModelStates(params=params, grads=grads, optimizer=optimizer, ema=FP32 * denoiser, frozen=FP32 * frozen,
+        # a sample grid (between steps) builds the whole fp32 EMA on rank 0 (ShardedEMA.sampling_module)
+        step = max(math.ceil(FP32 * trainable / n) if precision == "bf16" else 0, FP32 * denoiser)
+    ema = math.ceil(FP32 * denoiser / n) if zero_stage == 3 else FP32 * denoiser
+    return ModelStates(params=params, grads=grads, optimizer=optimizer, ema=ema, frozen=FP32 * frozen,
                        working=working, step_transient=step)
 
 
@@ -398,20 +404,20 @@ def format_plan(plan: Plan) -> str:
         f"  of which: {acts.depth} blocks x {_mib(acts.block)} (checkpointed: x {_mib(acts.block_input)}), "
         f"head {_mib(acts.head)}, stem {_mib(acts.stem)}, loss {_mib(acts.loss)}",
         "",
-        "per GPU (GiB; rank 0, which also keeps the EMA)",
+        "per GPU (GiB; rank 0, which keeps the whole EMA under ZeRO-0/1/2 and gathers it for grids under ZeRO-3)",
     ]
     header = ["", *[f"ZeRO-{s.zero_stage}" for s in plan.stages]]
     rows = [
         ("parameters", [s.states.params for s in plan.stages]),
         ("gradients (+ reduce bucket)", [s.states.grads for s in plan.stages]),
         ("optimizer (fp32 master + AdamW)", [s.states.optimizer for s in plan.stages]),
-        ("EMA (fp32, rank 0)", [s.states.ema for s in plan.stages]),
+        ("EMA (fp32; ZeRO-3: 1/N per rank)", [s.states.ema for s in plan.stages]),
     ]
     if plan.frozen:
         rows.append(("frozen REPA encoder", [s.states.frozen for s in plan.stages]))
     rows += [
         ("ZeRO-3 gathered layers + prefetch", [s.states.working for s in plan.stages]),
-        ("step transient (after backward)", [s.states.step_transient for s in plan.stages]),
+        ("between steps (step; ZeRO-3 grid)", [s.states.step_transient for s in plan.stages]),
         (f"activations x micro-batch {plan.micro_batch}", [plan.micro_batch * s.activation_per_image for s in plan.stages]),
         ("peak at the config's micro-batch", [s.config_peak for s in plan.stages]),
     ]

@@ -49,7 +49,10 @@ def test_zero_stages_shard_what_they_promise():
     assert s0.optimizer == 12 * psi and s1.optimizer == s2.optimizer == s3.optimizer == 12 * psi // n
     assert s0.params == s1.params == s2.params == 2 * psi and s3.params == 2 * psi // n
     assert s0.grads == 2 * psi and s1.grads < s0.grads and s3.working > 0 == s2.working
-    assert s0.ema == s3.ema == 4 * psi  # rank 0's fp32 EMA is never sharded
+    # the fp32 EMA: whole on rank 0 under ZeRO-0/1/2; partitioned like the weights under ZeRO-3, where rank 0
+    # gathers it whole only for a sample grid, between steps
+    assert s0.ema == s1.ema == s2.ema == 4 * psi and s3.ema == 4 * psi // n
+    assert s3.step_transient == 4 * psi > s2.step_transient
     # more GPUs never need more memory per GPU
     assert model_states(psi, psi, 0, "bf16", 3, 16, 20_000_000).persistent < s3.persistent
     assert model_states(psi, psi, 0, "fp32", 0, n, 20_000_000).optimizer == 8 * psi  # no master copy in fp32

@@ -1,7 +1,8 @@
 """`dip plan`'s per-GPU model-state arithmetic against real DeepSpeed engines on CPU.
 
 Two gloo ranks build the trainer's own engine (trainer.engine.build_engine: our DeepSpeed config,
-torch AdamW) for ZeRO stages 0-3, rank 0 also keeps the trainer's fp32 EMA, and each rank runs
+torch AdamW) for ZeRO stages 0-3 and the trainer's fp32 EMA (trainer.training_ema: whole on rank 0
+under ZeRO-0/1/2, each rank's partition under ZeRO-3), and each rank runs
 forward/backward/step on a tiny batch. We count the bytes of every live tensor storage the
 process holds (gc walk, distinct storages) on rank 0, minus what was alive before the engine:
 
@@ -45,9 +46,9 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from models.ema import EMA
     from trainer.config import config_from_dict
     from trainer.engine import build_engine, build_objective_module
+    from trainer.training_ema import build_training_ema
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -59,7 +60,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
                                 "cluster": {"num_workers": WORLD}})
         before = _live_tensor_bytes()
         module = build_objective_module(cfg)
-        ema = EMA(module.denoiser, cfg.optim.ema_decay) if rank == 0 else None  # as trainer/worker.py
+        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/worker.py
         engine = build_engine(cfg, module, cfg.batch_split(WORLD))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         pixels = torch.randn(1, 3, 32, 32).to(dtype)
@@ -71,6 +72,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
             del loss, _parts
             after_backward = _live_tensor_bytes() - before
             engine.step()
+            ema.update(engine.module.denoiser)
             after_step = _live_tensor_bytes() - before
         results[stage] = {"after_backward": after_backward, "after_step": after_step}
         del engine, module, ema

@@ -169,7 +169,8 @@ class ShardedEMA:
 
     def full_state_dict(self) -> dict | None:
         """Collective. Rank 0: the whole EMA as a CPU fp32 state dict (keys in the module's order)."""
-        gathered = {name: None if full is None else full.cpu() for name, full in self._gathered()}
+        # a compact host copy per parameter (the gathered tensor is a view of the padded pieces)
+        gathered = {name: None if full is None else full.to("cpu", copy=True) for name, full in self._gathered()}
         if self.rank != 0:
             return None
         ordered = {}
