@@ -93,16 +93,17 @@ class ByteCounter:
             self.active = False
 
 
-def _timed(fn, counter: ByteCounter) -> tuple[float, int]:
+def _timed(fn, counter: ByteCounter) -> tuple[float, float, int]:
+    """(wall s, CPU s of this process, bytes received) of one call."""
     import torch.distributed as dist
 
     dist.barrier()
     before = counter.bytes
     with counter.counting():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        elapsed = time.perf_counter() - t0
-    return elapsed, counter.bytes - before
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, counter.bytes - before
 
 
 def _rank(rank: int, port: int, model: str, precision: str, steps: int, queue) -> None:
@@ -138,14 +139,16 @@ def _rank(rank: int, port: int, model: str, precision: str, steps: int, queue) -
     paths = {"before": lambda: gathered_update(before, denoiser), "after": lambda: after.update(denoiser)}
     for fn in paths.values():  # warm-up: first-call allocations
         fn()
-    figures = {name: {"ms": [], "bytes": []} for name in paths}
+    figures = {name: {"ms": [], "cpu_ms": [], "bytes": []} for name in paths}
     for _ in range(steps):
         for name, fn in paths.items():
-            seconds, moved = _timed(fn, counter)
-            figures[name]["ms"].append(1e3 * seconds)
+            wall, cpu, moved = _timed(fn, counter)
+            figures[name]["ms"].append(1e3 * wall)
+            figures[name]["cpu_ms"].append(1e3 * cpu)
             figures[name]["bytes"].append(moved)
-    save_s, save_bytes = _timed(after.full_state_dict, counter)
-    result = {name: {"ms": statistics.median(f["ms"]), "bytes": max(f["bytes"])} for name, f in figures.items()}
+    save_s, _, save_bytes = _timed(after.full_state_dict, counter)
+    result = {name: {"ms": statistics.median(f["ms"]), "cpu_ms": statistics.median(f["cpu_ms"]),
+                     "bytes": max(f["bytes"])} for name, f in figures.items()}
     result["save_gather"] = {"ms": 1e3 * save_s, "bytes": save_bytes}
     result["params"] = sum(p.ds_numel for p in denoiser.parameters())
     result["ema_bytes"] = {"before": sum(t.numel() * 4 for t in before.module.parameters()) if before else 0,
@@ -176,12 +179,12 @@ def measure(model: str, precision: str, steps: int) -> None:
     ranks = queue.get()
     params = ranks[0]["params"]
     print(f"\n{model} ({params:,} parameters), ZeRO-3 {precision}, {WORLD} gloo ranks, median of {steps} calls; "
-          f"ms: the slower rank; bytes: what one rank receives")
-    print("path | bytes per step (rank 0 / rank 1) | ms per step | EMA memory (rank 0 / rank 1)")
+          f"ms: the slower rank (wall; CPU of its process); bytes: what one rank receives")
+    print("path | bytes per step (rank 0 / rank 1) | ms per step, wall | CPU ms | EMA memory (rank 0 / rank 1)")
     for name in ("before", "after"):
-        ms = max(r[name]["ms"] for r in ranks)
+        ms, cpu = max(r[name]["ms"] for r in ranks), max(r[name]["cpu_ms"] for r in ranks)
         memory = " / ".join(_mb(r["ema_bytes"][name]) for r in ranks)
-        print(f"{name} | {' / '.join(_mb(r[name]['bytes']) for r in ranks)} | {ms:.1f} | {memory}")
+        print(f"{name} | {' / '.join(_mb(r[name]['bytes']) for r in ranks)} | {ms:.1f} | {cpu:.1f} | {memory}")
     before = max(r["before"]["ms"] for r in ranks)
     after = max(r["after"]["ms"] for r in ranks)
     print(f"after vs before: {before / after:.1f}x faster per step; rank 0's EMA memory "
