@@ -3,10 +3,10 @@
 Each rank builds the same DiP (same seed), wraps it in a DeepSpeed engine, streams its share of
 the shards, and steps. Every rank keeps the EMA of what it holds (trainer.training_ema: all of it on
 rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to MLflow through a
-background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global batch for this world
-size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager: the newest
-committed checkpoint, written at this world size or another) -> loop (step, log, save, grid) ->
-close.
+background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global
+batch for this world size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager:
+the newest committed checkpoint, written at this world size or another) -> loop (step, log, save,
+grid) -> close.
 """
 from __future__ import annotations
 
