@@ -351,18 +351,25 @@ def _assert_close_to_reference(local_step_dir: str, reference) -> float:
     return worst
 
 
-def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(zero2_reference, cluster, tmp_path):
-    from trainer.checkpoint import load_train_state
+def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, step_sleep_s: float):
+    """Two worker nodes, an elastic job of TINY at `stage` with its sample ledger; returns once its first
+    checkpoint is committed: (job id, its checkpoint store, the ledger directory)."""
     from trainer.checkpoint_store import CheckpointStore
 
     _exactly_two_worker_nodes(cluster)
     out, ledger = str(tmp_path / "runs"), tmp_path / "ledger"
     ledger.mkdir()
-    job_id = _submit(cluster, "shrink", out, extra=ELASTIC + ["train.zero_stage=2"],
-                     env=["DIP_FAULT_STEP_SLEEP_S=0.5", f"DIP_FAULT_SAMPLE_LEDGER={ledger}"])
-    store = CheckpointStore(os.path.join(out, "shrink", "checkpoints"))
-    first = _wait_for_first_commit(store, job_id, cluster)
-    assert first < STEPS
+    job_id = _submit(cluster, name, out, extra=ELASTIC + [f"train.zero_stage={stage}"],
+                     env=[f"DIP_FAULT_STEP_SLEEP_S={step_sleep_s}", f"DIP_FAULT_SAMPLE_LEDGER={ledger}"])
+    store = CheckpointStore(os.path.join(out, name, "checkpoints"))
+    assert _wait_for_first_commit(store, job_id, cluster) < STEPS
+    return job_id, store, str(ledger)
+
+
+def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(zero2_reference, cluster, tmp_path):
+    from trainer.checkpoint import load_train_state
+
+    job_id, store, ledger = _start_elastic_job(cluster, "shrink", tmp_path, stage=2, step_sleep_s=0.5)
     killed_at = time.time()
     assert cluster.kill_node(cluster.plain_worker_nodes()[0]) >= 3  # and no node comes to replace it
     status = _wait_for_end(cluster, job_id)
@@ -372,7 +379,7 @@ def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(
                      r"accumulation = 4 images per step; ZeRO state re-partitioned", logs), _excerpt(logs)
     state = load_train_state(store, STEPS)
     assert state["world_size"] == 1 and state["resizes"] == 1 and state["samples_seen"] == STEPS * 4
-    attempts = _assert_same_global_batches(str(ledger), zero2_reference.ledger)
+    attempts = _assert_same_global_batches(ledger, zero2_reference.ledger)
     shrunk = [a for a in attempts.values() if a["world_size"] == 1]
     assert len(shrunk) == 1 and max(shrunk[0]["steps"]) == STEPS - 1  # the 1-worker group finished the run
     recover_s = shrunk[0]["first_time"] - killed_at
@@ -383,16 +390,9 @@ def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(
 
 def test_elastic_zero3_run_shrinks_then_grows_back_when_a_node_rejoins(zero3_reference, cluster, tmp_path):
     from trainer.checkpoint import load_train_state
-    from trainer.checkpoint_store import CheckpointStore
 
-    _exactly_two_worker_nodes(cluster)
-    out, ledger = str(tmp_path / "runs"), tmp_path / "ledger"
-    ledger.mkdir()
     # steps slowed so that the grow (Ray checks every 5 s, then a checkpoint at the next stop check) lands mid-run
-    job_id = _submit(cluster, "regrow", out, extra=ELASTIC + ["train.zero_stage=3"],
-                     env=["DIP_FAULT_STEP_SLEEP_S=2", f"DIP_FAULT_SAMPLE_LEDGER={ledger}"])
-    store = CheckpointStore(os.path.join(out, "regrow", "checkpoints"))
-    _wait_for_first_commit(store, job_id, cluster)
+    job_id, store, ledger = _start_elastic_job(cluster, "regrow", tmp_path, stage=3, step_sleep_s=2)
     killed_at = time.time()
     cluster.kill_node(cluster.plain_worker_nodes()[0])
     _wait_for_log(cluster, job_id, "resize 1: ")
@@ -407,7 +407,7 @@ def test_elastic_zero3_run_shrinks_then_grows_back_when_a_node_rejoins(zero3_ref
     assert f"checkpoint for the resize written at step {grow.group(1)}" in logs, _excerpt(logs)
     state = load_train_state(store, STEPS)
     assert state["world_size"] == 2 and state["resizes"] == 2 and state["samples_seen"] == STEPS * 4
-    attempts = _assert_same_global_batches(str(ledger), zero3_reference.ledger)
+    attempts = _assert_same_global_batches(ledger, zero3_reference.ledger)
     alone = [a for a in attempts.values() if a["world_size"] == 1]
     regrown = [a for a in attempts.values() if a["world_size"] == 2 and min(a["steps"]) == int(grow.group(1))]
     assert len(alone) == 1 and len(regrown) == 1
