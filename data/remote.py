@@ -75,17 +75,19 @@ def default_cache_dir(path: str, run_token: str | None = None) -> str:
     return os.path.join(cache_root(), digest)
 
 
-def _process_token(pid: int) -> str:
+def process_token(pid: int) -> str:
+    """A process's name, "<pid>-<start time>": unique even after the pid is reused."""
     try:
         return f"{pid}-{int(psutil.Process(pid).create_time())}"
     except psutil.Error:
         return f"{pid}-0"
 
 
-def _token_alive(token: str) -> bool:
+def token_alive(token: str) -> bool:
+    """The process a `process_token` names still runs (on this host)."""
     pid_text, _, started = token.partition("-")
     try:
-        return _process_token(int(pid_text)) == token
+        return process_token(int(pid_text)) == token
     except ValueError:
         return False
 
@@ -93,7 +95,7 @@ def _token_alive(token: str) -> bool:
 def register_cache_user(cache_dir: str) -> str:
     users = os.path.join(cache_dir, ".users")
     os.makedirs(users, exist_ok=True)
-    marker = os.path.join(users, _process_token(os.getpid()))
+    marker = os.path.join(users, process_token(os.getpid()))
     open(marker, "w").close()
     return marker
 
@@ -103,7 +105,7 @@ def release_cache_user(cache_dir: str, marker: str) -> None:
     if os.path.exists(marker):
         os.remove(marker)
     users = os.path.join(cache_dir, ".users")
-    alive = [u for u in (os.listdir(users) if os.path.isdir(users) else []) if _token_alive(u)]
+    alive = [u for u in (os.listdir(users) if os.path.isdir(users) else []) if token_alive(u)]
     if not alive:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -116,7 +118,7 @@ def clean_stale_caches() -> list[str]:
         cache_dir = os.path.join(root, name)
         users_dir = os.path.join(cache_dir, ".users")
         users = os.listdir(users_dir) if os.path.isdir(users_dir) else []
-        if users and not any(_token_alive(u) for u in users):
+        if users and not any(token_alive(u) for u in users):
             shutil.rmtree(cache_dir, ignore_errors=True)
             removed.append(cache_dir)
     return removed

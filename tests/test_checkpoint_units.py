@@ -107,3 +107,48 @@ def test_warmup_then_constant_learning_rate():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def _writer(store, rank: int):
+    """A CheckpointManager with only what its staging directory needs (no engine, loader or EMA)."""
+    from trainer.checkpoint import CheckpointManager, TrainProgress
+
+    return CheckpointManager(store, rank, 2, None, engine=None, loader=None, progress=TrainProgress(), ema=None,
+                             identity=None, zero_stage=2, keep=2, async_save=False, commit_timeout_s=5)
+
+
+def test_staging_dirs_of_sigkilled_writers_are_swept_at_start_and_live_ones_kept(tmp_path, monkeypatch):
+    """A SIGKILLed rank never reaches CheckpointManager.close: its staging dir is removed by the next writer."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from trainer.checkpoint_store import CheckpointStore
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    live = _writer(store, 1)  # a live writer
+    code = ("import sys; from trainer.checkpoint_store import CheckpointStore; "
+            "from tests.test_checkpoint_units import _writer; "
+            "print(_writer(CheckpointStore(sys.argv[1]), 0).staging_dir, flush=True); sys.stdin.read()")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ckpt")], cwd=repo, text=True,
+                              env={**os.environ, "TMPDIR": str(temp), "PYTHONPATH": repo},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    dead_dir = writer.stdout.readline().strip()
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert os.path.dirname(dead_dir) == str(temp) and os.path.isdir(dead_dir)
+    foreign = temp / "dip-ckpt-staging-not-ours"  # not in our naming scheme: never touched
+    foreign.mkdir()
+
+    fresh = _writer(store, 0)
+    assert not os.path.exists(dead_dir)
+    assert os.path.isdir(live.staging_dir) and os.path.isdir(fresh.staging_dir) and foreign.is_dir()
+    live.close()
+    fresh.close()
+    assert sorted(os.listdir(temp)) == ["dip-ckpt-staging-not-ours"]

@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data.remote import process_token, token_alive
 from trainer import faults
 from trainer.checkpoint_store import EMA_FILE, TRAIN_STATE, CheckpointStore, step_name
 from trainer.rng import capture_rng, restore_rng
@@ -43,6 +45,25 @@ from trainer.rng import capture_rng, restore_rng
 log = logging.getLogger("dip.checkpoint")
 
 TRAIN_STATE_FORMAT = 1
+STAGING_PREFIX = "dip-ckpt-staging-"
+# dip-ckpt-staging-r<rank>-<pid>-<process start time>-<mkdtemp suffix>: the owner is named, so a
+# later writer can tell a SIGKILLed writer's leftover from a live writer's directory
+_STAGING_DIR = re.compile(rf"^{STAGING_PREFIX}r\d+-(\d+-\d+)-[^-]+$")
+
+
+def sweep_stale_staging_dirs(temp_dir: str | None = None) -> list[str]:
+    """Remove the staging directories of writers whose process is gone (SIGKILLed or OOM-killed
+    ranks never reach Checkpointer.close). Returns what was removed."""
+    temp_dir = temp_dir or tempfile.gettempdir()
+    removed = []
+    for name in os.listdir(temp_dir):
+        match = _STAGING_DIR.match(name)
+        if match and not token_alive(match.group(1)):
+            shutil.rmtree(os.path.join(temp_dir, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        log.info("removed %d staging dir(s) of dead checkpoint writers in %s", len(removed), temp_dir)
+    return removed
 
 
 def to_host(obj: Any) -> Any:
@@ -234,7 +255,8 @@ class CheckpointManager:
         self.identity, self.zero_stage = identity, zero_stage
         self.keep, self.async_save, self.commit_timeout_s = keep, async_save, commit_timeout_s
         self.attempt = ""
-        self.staging_dir = tempfile.mkdtemp(prefix=f"dip-ckpt-staging-r{rank}-")
+        sweep_stale_staging_dirs()
+        self.staging_dir = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}r{rank}-{process_token(os.getpid())}-")
         self.last_committed: int | None = None
         self.last_saved_step: int | None = None
         self.blocking_seconds: list[float] = []
