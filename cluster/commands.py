@@ -54,13 +54,15 @@ def run_submit(args) -> int:
     request = sub.SubmitRequest(config=args.config, overrides=list(args.overrides), address=args.address,
                                 deps=args.deps, env=sub.parse_env(args.env), submission_id=args.job_id,
                                 stop_grace_s=sub.DEFAULT_STOP_GRACE_S if args.stop_grace_s is None else args.stop_grace_s)
-    if args.dry_run:
+    for warning in sub.secret_env_warnings(request.env):
+        print(f"dip submit: warning: {warning}", file=sys.stderr)
+    if args.dry_run:  # printed with credentials redacted: this output ends up in terminals and CI logs
         cfg, entrypoint, runtime_env, metadata = sub.prepare(request)
         print(f"run        : {cfg.run_name} ({cfg.batch_arithmetic()})")
-        print(f"entrypoint : {entrypoint}")
-        print(f"runtime_env: {runtime_env}")
-        print(f"checkpoints: {metadata['dip.checkpoints']}")
-        print(f"mlflow     : {metadata['dip.tracking_uri']}")
+        print(f"entrypoint : {sub.redact(entrypoint)}")
+        print(f"runtime_env: {sub.redact(runtime_env)}")
+        print(f"checkpoints: {sub.redact(metadata['dip.checkpoints'])}")
+        print(f"mlflow     : {sub.redact(metadata['dip.tracking_uri'])}")
         return 0
     try:
         result = sub.submit(request)
@@ -69,8 +71,8 @@ def run_submit(args) -> int:
         return 2
     print(f"job id     : {result.job_id}")
     print(f"dashboard  : {result.dashboard_url}")
-    print(f"mlflow     : {result.mlflow.text}")
-    print(f"checkpoints: {result.checkpoints}")
+    print(f"mlflow     : {sub.redact(result.mlflow.text)}")
+    print(f"checkpoints: {sub.redact(result.checkpoints)}")
     print(f"follow     : dip jobs logs {result.job_id} --follow --address {result.address}")
     return 0
 

@@ -18,10 +18,12 @@ from trainer.config import TrainConfig, config_hash, flatten, resume_incompatibi
 
 log = logging.getLogger("dip.launch")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Environment every worker gets from the driver (when set here).
+# Environment every worker gets from the driver (when set here). Never credentials: Ray shows a
+# runtime_env in its dashboard and stores it; workers get theirs from their node (instance role,
+# pod secret, ~/.aws, or the environment `ray start` ran in): docs/cluster.md, "Credentials".
 FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "OMP_NUM_THREADS", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL",
+                 "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @dataclass

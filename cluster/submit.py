@@ -34,6 +34,11 @@ WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlflow.db", 
 # ask the workers for a final committed checkpoint (cluster/launch.py _StopOnSignal).
 DEFAULT_STOP_GRACE_S = 300
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Environment names whose values are credentials (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, HF_TOKEN, ...)
+_SECRET_NAME = re.compile(r"SECRET|PASSW|CREDENTIAL|PRIVATE|APIKEY|(^|_)(TOKEN|KEY|AUTH)($|_)", re.I)
+_URL_PASSWORD = re.compile(r"(://[^/:@\s]*):[^/@\s]*@")   # scheme://user:password@host
+REDACTED = "<redacted>"
+CREDENTIALS_DOC = "docs/cluster.md, 'Credentials'"
 
 
 class ClusterUnreachable(RuntimeError):
@@ -124,6 +129,28 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
             raise ValueError(f"--env {pair!r} is not valid: expected NAME=VALUE with NAME like MY_VAR")
         env[name] = value
     return env
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+def redact(value):
+    """A copy fit to print: values of secret-looking keys replaced, passwords inside URLs hidden."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and is_secret_name(k) else redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+    return value
+
+
+def secret_env_warnings(env: dict[str, str]) -> list[str]:
+    """--env entries that carry credentials: Ray shows a job's runtime_env in its dashboard and keeps it."""
+    return [f"--env {name} looks like a credential: Ray shows a job's environment in its dashboard and stores it "
+            f"with the job; give the nodes their credentials instead ({CREDENTIALS_DOC})"
+            for name in sorted(env) if is_secret_name(name)]
 
 
 def relative_config_path(config_path: str, project_root: str = PROJECT_ROOT) -> str:
@@ -238,6 +265,27 @@ def cluster_ray_version(client) -> str | None:
     return None
 
 
+def run_name_filter(run_name: str) -> str:
+    """An MLflow filter string matching runs tagged dip.run_name == run_name, or a superset of them.
+
+    MLflow's filter grammar has no escape character: a value is quoted with whichever quote it does
+    not contain; one holding both is matched with LIKE, every quote, backslash and wildcard in it
+    replaced by the one-character wildcard (the caller keeps only exact matches)."""
+    if "'" not in run_name:
+        return f"tags.`dip.run_name` = '{run_name}'"
+    if '"' not in run_name:
+        return f'tags.`dip.run_name` = "{run_name}"'
+    return "tags.`dip.run_name` LIKE '" + re.sub(r"""['"\\%_]""", "_", run_name) + "'"
+
+
+def find_run_id(client, experiment_id: str, run_name: str) -> str | None:
+    """The newest MLflow run of `run_name` in the experiment."""
+    runs = client.search_runs([experiment_id], filter_string=run_name_filter(run_name),
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    exact = [r for r in runs if r.data.tags.get("dip.run_name") == run_name]
+    return exact[0].info.run_id if exact else None
+
+
 @dataclass
 class MlflowLink:
     text: str                 # what to print
@@ -260,10 +308,8 @@ def mlflow_link(tracking_uri: str, experiment: str, run_name: str) -> MlflowLink
         found = client.get_experiment_by_name(experiment)
         if found is None:
             return MlflowLink(f"{base} (experiment {experiment!r} is created when the job starts)")
-        runs = client.search_runs([found.experiment_id], filter_string=f"tags.`dip.run_name` = '{run_name}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
-            run_id = runs[0].info.run_id
+        run_id = find_run_id(client, found.experiment_id, run_name)
+        if run_id:
             return MlflowLink(f"{base}/#/experiments/{found.experiment_id}/runs/{run_id}", run_id)
         return MlflowLink(f"{base}/#/experiments/{found.experiment_id} (run {run_name!r} appears when the job starts; "
                           "`dip jobs status ID` prints its own link)")

@@ -159,3 +159,45 @@ def test_mlflow_link_for_a_head_node_store_says_how_to_open_it():
     assert "mlflow ui --backend-store-uri sqlite:////shared/runs/r1/mlflow.db" in link.text
     unreachable = sub.mlflow_link(_closed_port_address(), "dip", "r1")
     assert "not reachable" in unreachable.text and unreachable.run_id is None
+
+
+def test_dry_run_redacts_credentials_and_warns_about_secret_env(tmp_path, capsys):
+    assert dip(["submit", QUICKSTART, f"output_dir={tmp_path}", "tracking.uri=http://alice:hunter2@127.0.0.1:5000",
+                "--env", "AWS_SECRET_ACCESS_KEY=topsecret", "--env", "MLFLOW_TRACKING_PASSWORD=pw-2",
+                "--env", "HF_TOKEN=hf-3", "--env", "OMP_NUM_THREADS=1", "--env", "TOKENIZERS_PARALLELISM=false",
+                "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    for secret in ("topsecret", "pw-2", "hf-3", "hunter2"):
+        assert secret not in captured.out + captured.err
+    assert "'AWS_SECRET_ACCESS_KEY': '<redacted>'" in captured.out and "alice:<redacted>@127.0.0.1" in captured.out
+    assert "'OMP_NUM_THREADS': '1'" in captured.out and "'TOKENIZERS_PARALLELISM': 'false'" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "looks like a credential" in line]
+    assert len(warnings) == 3 and "--env AWS_SECRET_ACCESS_KEY" in warnings[0]
+
+
+def test_workers_never_get_credentials_from_the_driver(monkeypatch):
+    from cluster.launch import _worker_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-test")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token-test")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    env = _worker_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # where the store is: not a secret
+    assert not [name for name in env if sub.is_secret_name(name)], env
+    assert not {"AKIA-test", "secret-test", "token-test"} & set(env.values())
+
+
+def test_run_names_with_quotes_find_their_own_mlflow_run(tmp_path):
+    """MLflow's filter grammar has no escapes: a quote in run_name must neither break the search nor
+    match another run (run_name allows any character but '/')."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("dip", artifact_location=(tmp_path / "artifacts").as_uri())
+    names = ["plain", "bob's run", 'say "hi"', "both ' and \"", "x' OR tags.a = 'y", "50%_done\\"]
+    runs = {name: client.create_run(experiment, tags={"dip.run_name": name}).info.run_id for name in names}
+    client.create_run(experiment, tags={"dip.run_name": "both _ and _"})  # what a wildcard would also match
+    for name in names:
+        assert sub.find_run_id(client, experiment, name) == runs[name], name
+    assert sub.find_run_id(client, experiment, "absent") is None
