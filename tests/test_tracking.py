@@ -54,6 +54,45 @@ def test_metrics_and_artifacts_reach_the_sqlite_store(tmp_path):
     assert client.get_run(run_id).data.tags["phase"] == "done"
 
 
+def test_items_mlflow_rejects_for_good_are_dropped_once_and_hold_up_nothing(tmp_path, caplog):
+    """A vanished artifact and image file, an invalid metric name, a value that is no number: each is dropped
+    after a few attempts, with one warning and a count; everything around them arrives, and flushes
+    (every checkpoint flushes) do not wait for them."""
+    from mlflow.tracking import MlflowClient
+
+    uri = embedded_uri(str(tmp_path))
+    run_id = open_run(uri, "dip-test", "r1", {}, {}, str(tmp_path / "artifacts"))
+    logger = RunLogger(uri, run_id, retry_min_s=0.05, warn_every_s=0.0)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"png")
+    with caplog.at_level("WARNING", logger="dip.tracking"):
+        logger.log_artifact(str(grid), "samples")
+        logger.log_image(str(grid), "samples/grid", 1)
+        grid.unlink()  # removed before the queue got to them
+        logger.log_metrics({"loss": 1.0, "ema loss (bad name)!": 2.0, "lr": 0.1}, 1)  # one batch, one bad name
+        logger.log_metrics({"loss": 0.5, "note": "warming up"}, 2)  # a value that is no number
+        logger.set_tags({"phase": "warmup"})
+        for step in range(3, 8):
+            logger.log_metrics({"loss": 1.0 / step}, step)
+        start = time.monotonic()
+        assert logger.flush(timeout_s=15)
+        assert time.monotonic() - start < 10
+    client = MlflowClient(tracking_uri=uri)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 8))
+    assert [m.value for m in client.get_metric_history(run_id, "lr")] == [0.1]  # the bad name's batch-mate
+    assert client.get_run(run_id).data.tags["phase"] == "warmup"
+    assert logger.rejected == 4 and logger.backlog == 0
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 4, warnings
+    assert any("artifact" in w and "grid.png" in w for w in warnings)
+    assert any("image" in w and "grid.png" in w for w in warnings) and any("ema loss (bad name)!" in w for w in warnings)
+    assert any("'note'" in w for w in warnings)
+    logger.log_metrics({"loss": 0.1}, 8)
+    start = time.monotonic()
+    assert logger.flush(timeout_s=15) and time.monotonic() - start < 2  # nothing stuck in the queue
+    assert logger.close(timeout_s=5)
+
+
 def test_an_unreachable_server_never_blocks_the_caller(caplog):
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens here
     logger = RunLogger(uri, "0" * 32, retry_min_s=0.05, retry_max_s=0.2, warn_every_s=0.0)

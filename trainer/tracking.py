@@ -3,8 +3,10 @@
 `RunLogger` (rank 0 of the workers, and the driver) puts metrics, tags and artifacts on a queue; a
 daemon thread sends them in batches. When the tracking server is unreachable the thread keeps the
 items, warns (at most every 30 s) and retries with backoff; the step loop never waits, except at
-`flush(timeout)` (checkpoints, exit), which gives up after the timeout. Images go the same way, as
-step-keyed MLflow images. `SystemMetrics` runs MLflow's system-metrics monitor, one per node. The driver
+`flush(timeout)` (checkpoints, exit), which gives up after the timeout. An item MLflow rejects for
+good (an invalid name, a deleted run, an artifact or image file that vanished) is isolated from the
+items sent with it, retried alone behind the rest a few times, then dropped, warned about and counted
+(`rejected`): it never holds up what follows it. Images go the same way, as step-keyed MLflow images. `SystemMetrics` runs MLflow's system-metrics monitor, one per node. The driver
 side (`open_run`, `finish_run`) creates or reopens the one MLflow run of a training run.
 """
 from __future__ import annotations
@@ -23,6 +25,11 @@ log = logging.getLogger("dip.tracking")
 
 MAX_BATCH_METRICS = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
+MAX_REJECTIONS = 3        # attempts of an item MLflow rejects for good before it is dropped
+# MLflow error codes that no retry can fix (a server that is away gives INTERNAL_ERROR / TEMPORARILY_UNAVAILABLE)
+REJECTED_FOR_GOOD = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "MALFORMED_REQUEST", "RESOURCE_DOES_NOT_EXIST",
+                     "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+FILE_KINDS = ("artifact", "image")  # items whose payload starts with a local file's path
 
 
 def embedded_uri(run_dir: str) -> str:
@@ -47,6 +54,27 @@ class _Item:
     payload: Any
     step: int = 0
     timestamp: int = 0
+    rejections: int = 0    # > 0: MLflow refused it (or a batch holding it); it is sent alone from then on
+
+    def singles(self) -> list["_Item"]:
+        """One item per metric / tag: the unit MLflow accepts or rejects."""
+        if self.kind in FILE_KINDS or len(self.payload) <= 1:
+            return [self]
+        return [_Item(self.kind, {k: v}, self.step, self.timestamp, self.rejections) for k, v in self.payload.items()]
+
+    def describe(self) -> str:
+        if self.kind in FILE_KINDS:
+            return f"{self.kind} {self.payload[0]}"
+        return f"{self.kind} {sorted(self.payload)}" + (f" at step {self.step}" if self.kind == "metrics" else "")
+
+
+def _rejected_for_good(item: _Item, err: Exception) -> bool:
+    if item.kind in FILE_KINDS:
+        if not os.path.exists(item.payload[0]):
+            return True  # the file is gone: no retry brings it back
+        if type(err).__name__ == "UnidentifiedImageError":
+            return True  # not an image PIL can read: neither will it be next time
+    return getattr(err, "error_code", None) in REJECTED_FOR_GOOD
 
 
 class RunLogger:
@@ -64,11 +92,13 @@ class RunLogger:
         self.retry_min_s, self.retry_max_s, self.warn_every_s = retry_min_s, retry_max_s, warn_every_s
         self.dropped = 0        # items thrown away because the buffer was full
         self.failures = 0       # failed send attempts
+        self.rejected = 0       # metrics / tags / artifacts / images MLflow refused for good, dropped
         self._pending: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._in_flight = 0
         self._closed = False
         self._last_warning = 0.0
+        self._last_rejection_warning = float("-inf")
         self._image_steps: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._run, name="dip-mlflow", daemon=True)
         self._thread.start()
@@ -84,7 +114,14 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        clean = {}
+        for key, value in metrics.items():
+            if value is None:
+                continue
+            try:
+                clean[key] = float(value)
+            except (TypeError, ValueError):  # a bad value must not raise into the training step
+                self._drop(_Item("metrics", {key: value}, step), f"{type(value).__name__} is not a number")
         self._put(_Item("metrics", clean, step, now))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -130,12 +167,12 @@ class RunLogger:
 
     # -- consumer side --------------------------------------------------------------------------
     def _take_batch(self) -> list[_Item]:
-        """The next items to send together: a run of metric items, or one other item."""
+        """The next items to send together: a run of metric items, or one other (or once rejected) item."""
         batch: list[_Item] = []
         count = 0
         while self._pending:
             item = self._pending[0]
-            if item.kind != "metrics":
+            if item.kind != "metrics" or item.rejections:
                 if not batch:
                     batch.append(self._pending.popleft())
                 break
@@ -179,8 +216,12 @@ class RunLogger:
                 with self._cond:
                     self._in_flight = 0
                     self._cond.notify_all()
-            except Exception as err:  # the server is away: keep the items, warn, retry later
+            except Exception as err:
                 self.failures += 1
+                if all(_rejected_for_good(item, err) for item in batch):
+                    self._handle_rejection(batch, err)
+                    continue
+                # the server is away: keep the items, warn, retry later
                 with self._cond:
                     self._pending.extendleft(reversed(batch))
                     self._in_flight = 0
@@ -195,6 +236,37 @@ class RunLogger:
                         return
                     self._cond.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
+
+    def _handle_rejection(self, batch: list[_Item], err: Exception) -> None:
+        """A batch MLflow refused: split it to find the culprit(s); an item refused alone goes behind
+        the others, and after MAX_REJECTIONS attempts it is dropped."""
+        singles = [single for item in batch for single in item.singles()]
+        with self._cond:
+            self._in_flight = 0
+            if len(singles) > 1:  # each one alone, at once and in order: only the bad one fails again
+                for single in singles:
+                    single.rejections = max(single.rejections, 1)
+                self._pending.extendleft(reversed(singles))
+            else:
+                item = singles[0]
+                item.rejections += 1
+                if item.rejections < MAX_REJECTIONS:
+                    self._pending.append(item)  # behind everything queued: it holds up nothing
+                    if len(self._pending) == 1 and not self._closed:
+                        self._cond.wait(self.retry_min_s)
+                else:
+                    self._drop(item, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            self._cond.notify_all()
+
+    def _drop(self, item: _Item, reason: str) -> None:
+        with self._cond:  # re-entrant: also called with it held
+            self.rejected += 1
+            now = time.monotonic()
+            if now - self._last_rejection_warning < self.warn_every_s:
+                return
+            self._last_rejection_warning = now
+        log.warning("MLflow at %s refused %s for good (%s); dropped it (%d item(s) dropped so far, "
+                    "RunLogger.rejected)", self.tracking_uri, item.describe(), reason[:300], self.rejected)
 
 
 def send_image(client, run_id: str, local_path: str, key: str, step: int) -> None:
