@@ -74,6 +74,9 @@ def test_unknown_section_is_named_with_the_valid_sections():
     ({"data": {"resolution": 40}}, "data.resolution=40 is not valid: must be a multiple of the patch size 16"),
     ({"eval": {"enabled": True}}, "eval.ref_stats"),
     ({"eval": {"ref_samples": 0}}, "eval.ref_samples=0 is not valid"),
+    ({"eval": {"start_timeout_s": 0}}, "eval.start_timeout_s=0.0 is not valid"),
+    ({"eval": {"enabled": True, "ref_stats": "ref.npz", "every_steps": 300}, "checkpoint": {"every_steps": 200}},
+     "eval.every_steps=300 is not valid: must be a multiple of checkpoint.every_steps=200"),  # would skip evals
     ({"cluster": {"dashboard": "yes"}}, "cluster.dashboard='yes' is not valid: expected true or false"),
     ({"train": "fast"}, "train must be a mapping"),
     ({"tracking": {"system_metrics": "on"}}, "tracking.system_metrics='on' is not valid: expected true or false"),

@@ -184,3 +184,61 @@ def test_a_reference_built_by_the_pool_equals_the_reference_file(ray_cluster, re
         np.testing.assert_allclose(a.mu, b.mu, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(built.reference_radii(), saved.prepare("eigh").reference_radii(), rtol=1e-5)
+
+
+def _hook_config(tmp_path, reference_path, overrides=()):
+    from trainer.config import config_from_dict
+
+    raw = {"run_name": "hooked", "output_dir": str(tmp_path / "runs"), "model": {"num_classes": 10},
+           "data": {"resolution": IMAGE_SIZE}, "checkpoint": {"every_steps": 4, "keep": 1},
+           "eval": {"enabled": True, "every_steps": 4, "ref_stats": str(reference_path), "num_samples": 8,
+                    "steps": 1, "actors": 1}}
+    return config_from_dict(raw, list(overrides))
+
+
+def _commit_ema(store, step: int, checkpoint) -> None:
+    data = (checkpoint / "ema.pt").read_bytes()
+    store.write_stream(f"step-{step}/ema.pt", lambda f: f.write(data))
+    store.commit(step, {"ema.pt": len(data)}, {"world_size": 1})
+
+
+def test_an_eval_keeps_its_checkpoint_when_keep_1_prunes_it_before_the_eval_starts(ray_cluster, checkpoint,
+                                                                                    reference_path, tmp_path):
+    """checkpoint.keep=1: the workers prune step-4 as soon as step-8 commits, while the pool is still
+    starting its actor (seconds): the eval of step 4 must still run, on the hook's own link to ema.pt."""
+    from trainer.checkpoint_store import CheckpointStore
+    from trainer.eval_hook import EvalHook
+
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit_ema(store, 4, checkpoint)
+    hook = EvalHook(_hook_config(tmp_path, reference_path), store)
+    hook.poll(force=True)
+    _commit_ema(store, 8, checkpoint)
+    assert store.prune(keep=1) == [4] and not os.path.exists(store.step_path(4))
+    assert hook.pool.wait_idle(timeout=300)
+    hook.close(wait_s=0.0)  # collects what is done; step 8 is not handed over on this path
+    assert hook.pool.failures == [], hook.pool.failures
+    assert [r.step for r in hook.results] == [4] and np.isfinite(hook.results[0].fid)
+    assert not os.path.exists(hook.inputs_dir)  # the links go with the hook
+
+
+def test_eval_actors_that_cannot_be_placed_time_out_with_a_warning(ray_cluster, checkpoint, reference_path,
+                                                                    tmp_path, caplog):
+    """A GPU eval actor on a CPU-only cluster: the driver's end-of-run wait returns after
+    eval.start_timeout_s, not after its own 600 s, and later hand-overs are dropped."""
+    from trainer.checkpoint_store import CheckpointStore
+    from trainer.eval_hook import EvalHook
+
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit_ema(store, 4, checkpoint)
+    cfg = _hook_config(tmp_path, reference_path, ["cluster.use_gpu=true", "eval.start_timeout_s=3"])
+    with caplog.at_level(logging.WARNING, logger="trainer.eval.pool"):
+        hook = EvalHook(cfg, store)
+        assert "ask for {'GPU': 1}, which no node of this Ray cluster has now" in caplog.text  # said at once
+        hook.poll(force=True)
+        _commit_ema(store, 8, checkpoint)
+        start = time.monotonic()
+        hook.close(wait_s=600.0)  # the end of a run that finished well
+        assert time.monotonic() - start < 60
+    assert "not started within start_timeout_s=3 s" in caplog.text and "evals are off" in caplog.text
+    assert [f.step for f in hook.pool.failures] == [4] and hook.results == []

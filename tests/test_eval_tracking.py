@@ -65,6 +65,9 @@ class _RecordingPool:
         done, self.done = self.done, []
         return done
 
+    def in_use(self):
+        return set()
+
     def close(self):
         self.calls.append(("close",))
 
@@ -74,8 +77,8 @@ def _committed_store(tmp_path, steps):
 
     store = CheckpointStore(str(tmp_path / "ckpt"))
     for step in steps:
-        store.write_stream(f"step-{step}/x.pt", lambda f: f.write(b"x"))
-        store.commit(step, {"x.pt": 1}, {"world_size": 1})
+        store.write_stream(f"step-{step}/ema.pt", lambda f: f.write(b"x"))
+        store.commit(step, {"ema.pt": 1}, {"world_size": 1})
     return store
 
 
@@ -95,8 +98,8 @@ def test_the_last_checkpoint_is_still_evaluated_when_training_ends_between_two_p
     hook = _hook(tmp_path, store, pool)
     hook.poll(force=True)
     assert pool.calls == [("submit", 200)]  # the newest due one; 100 is stale
-    store.write_stream("step-300/x.pt", lambda f: f.write(b"x"))
-    store.commit(300, {"x.pt": 1}, {"world_size": 1})  # training ends: committed after the last poll
+    store.write_stream("step-300/ema.pt", lambda f: f.write(b"x"))
+    store.commit(300, {"ema.pt": 1}, {"world_size": 1})  # training ends: committed after the last poll
     hook.close(wait_s=60)
     assert pool.calls == [("submit", 200), ("submit", 300), ("wait_idle",), ("close",)]
     assert [r.step for r in hook.results] == [200, 300]

@@ -223,6 +223,9 @@ class EvalSection:
     # synthetic images (indices from SYNTHETIC_REF_START up), computed by the pool in the background
     ref_stats: str = ""
     ref_samples: int = 500                 # images in the "synthetic" reference
+    # how long the eval actors may take to be placed and start; then (e.g. no free GPU of that kind)
+    # evals are switched off with a warning
+    start_timeout_s: float = 600.0
 
     def __post_init__(self):
         _positive_int("eval.every_steps", self.every_steps)
@@ -231,6 +234,7 @@ class EvalSection:
         _require(self.method in SAMPLING_METHODS, "eval.method", self.method, f"choose one of {list(SAMPLING_METHODS)}")
         _positive_int("eval.actors", self.actors)
         _positive_int("eval.ref_samples", self.ref_samples)
+        _number_in("eval.start_timeout_s", self.start_timeout_s, 0.0, float("inf"), lo_open=True)
         lo, hi = self.cfg_interval
         _require(0.0 <= lo <= hi <= 1.0, "eval.cfg_interval", self.cfg_interval, "expected 0 <= lo <= hi <= 1")
         _require(not self.enabled or self.ref_stats != "", "eval.ref_stats", self.ref_stats,
@@ -314,6 +318,10 @@ class TrainConfig:
                      self.data.synthetic_classes, f"must be <= model.num_classes={self.model.num_classes}")
         _require(self.samples.num_classes <= self.model.num_classes, "samples.num_classes", self.samples.num_classes,
                  f"must be <= model.num_classes={self.model.num_classes}")
+        if self.eval.enabled:  # evals run on committed checkpoints only: any other schedule would skip some
+            _require(self.eval.every_steps % self.checkpoint.every_steps == 0, "eval.every_steps",
+                     self.eval.every_steps, f"must be a multiple of checkpoint.every_steps="
+                     f"{self.checkpoint.every_steps} (evals score committed checkpoints)")
         if self.objective.repa_enabled:
             depth = self.model.dip_config().depth
             _require(self.objective.repa_block <= depth, "objective.repa_block", self.objective.repa_block,

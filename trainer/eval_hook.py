@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 
-from trainer.checkpoint_store import CheckpointStore
+from trainer.checkpoint_store import EMA_FILE, CheckpointStore
 from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig
 
 log = logging.getLogger("dip.eval")
@@ -17,6 +18,11 @@ class EvalHook:
 
     Non-blocking: `poll()` is called from the driver's wait loop; evals run on their own Ray actors.
     Off (a no-op) unless eval.enabled.
+
+    The pool may start an eval long after it was handed over, while the workers go on committing and
+    pruning (checkpoint.keep): so at hand-over the checkpoint's ema.pt (all an eval reads) is
+    hard-linked (copied across file systems) into <run_dir>/eval/inputs/step-N/, which the hook
+    removes once the pool no longer needs it.
     """
 
     def __init__(self, cfg: TrainConfig, store: CheckpointStore, tracker=None, poll_every_s: float = 10.0):
@@ -26,6 +32,7 @@ class EvalHook:
         self.submitted: set[int] = set()
         self.results = []
         self._last_poll = 0.0
+        self.inputs_dir = os.path.join(cfg.run_dir, "eval", "inputs")
         if not cfg.eval.enabled:
             return
         # checked here, not in TrainConfig: the workers' copy of the config points data.path at the shards
@@ -40,6 +47,7 @@ class EvalHook:
         from trainer.eval.spec import SamplingSpec
 
         resources = {"num_gpus": 1, "num_cpus": 1} if cfg.cluster.use_gpu else {"num_cpus": 1}
+        shutil.rmtree(self.inputs_dir, ignore_errors=True)  # a killed driver's leftovers
         if cfg.eval.ref_stats == SYNTHETIC_REF:
             from trainer.eval.datasets import DatasetRequest
 
@@ -48,9 +56,11 @@ class EvalHook:
                                       seed=cfg.data.seed, start=SYNTHETIC_REF_START)
             log.info("eval: reference = %d held-out synthetic images (from index %d), computed by the pool",
                      cfg.eval.ref_samples, SYNTHETIC_REF_START)
-            self.pool = EvalPool(cfg.eval.actors, resources, reference_data=held_out)
+            self.pool = EvalPool(cfg.eval.actors, resources, reference_data=held_out,
+                                 start_timeout_s=cfg.eval.start_timeout_s)
         else:
-            self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats)
+            self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats,
+                                 start_timeout_s=cfg.eval.start_timeout_s)
         self.spec = SamplingSpec(steps=cfg.eval.steps, method=cfg.eval.method, cfg_scale=cfg.eval.cfg_scale,
                                  cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
                                  image_size=cfg.data.resolution, seed=cfg.train.seed)
@@ -64,7 +74,10 @@ class EvalHook:
         if due:
             step = due[-1]  # the pool keeps one pending job: the newest is the one worth scoring
             self.submitted.update(due)
-            self.pool.submit(self.store.step_path(step), step, self.spec)
+            pinned = self._pin(step)
+            if pinned is not None:
+                self.pool.submit(pinned, step, self.spec)
+        self._unpin_unused()
         for result in self.pool.poll():
             self.results.append(result)
             log.info("eval step %s: FID %.3f (%d samples, %.0f s)", result.step, result.fid, result.num_samples,
@@ -72,6 +85,32 @@ class EvalHook:
             if self.tracker is not None:
                 self.tracker.log_metrics(result.metrics(), result.step or 0)
                 self._log_grid(result)
+
+    def _pin(self, step: int) -> str | None:
+        """A private link to step-N's ema.pt that pruning cannot take away; None if it is gone already."""
+        target = os.path.join(self.inputs_dir, os.path.basename(self.store.step_path(step)))
+        source = self.store.step_path(step, EMA_FILE)
+        os.makedirs(target, exist_ok=True)
+        try:
+            try:
+                os.link(source, os.path.join(target, EMA_FILE))
+            except FileExistsError:
+                pass  # handed over before (a resumed run re-evaluates a step)
+            except OSError:  # another file system, or no hard links there
+                shutil.copyfile(source, os.path.join(target, EMA_FILE))
+        except FileNotFoundError:
+            log.info("eval: %s was pruned before it could be handed over; the next one will be",
+                     self.store.display(step))
+            shutil.rmtree(target, ignore_errors=True)
+            return None
+        return target
+
+    def _unpin_unused(self) -> None:
+        in_use = self.pool.in_use()
+        for name in os.listdir(self.inputs_dir) if os.path.isdir(self.inputs_dir) else []:
+            path = os.path.join(self.inputs_dir, name)
+            if path not in in_use:
+                shutil.rmtree(path, ignore_errors=True)
 
     def _log_grid(self, result) -> None:
         from PIL import Image
@@ -92,3 +131,4 @@ class EvalHook:
             self.pool.wait_idle(timeout=wait_s)
         self.poll(force=True, submit=False)
         self.pool.close()
+        shutil.rmtree(self.inputs_dir, ignore_errors=True)

@@ -8,6 +8,9 @@
   free; sample i's noise and label depend only on (seed, i), so the result is independent of the
   split. An actor that dies is replaced and its chunk redone: same samples, same result.
 - A failed eval is logged and recorded in `failures`; it never raises into the training loop.
+- Actors that cannot start within `start_timeout_s` (no node has the resources they ask for, e.g.
+  no free GPU of that kind) fail that eval with a warning and switch the pool off: later submits
+  are dropped, and nothing ever waits on actors that will not come.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "accelerator_typ
 
 class EvalError(RuntimeError):
     """An eval that could not finish (a chunk failed, or actors kept dying)."""
+
+
+class EvalStartError(EvalError):
+    """The eval actors did not start in time (not placed, or their reference did not load)."""
 
 
 class _Cancelled(Exception):
@@ -105,9 +112,10 @@ class EvalActor:
 class EvalPool:
     def __init__(self, num_actors: int, resources_per_actor: dict | None = None,
                  ref_stats_path: str | Path | None = None, *, reference=None, reference_data=None,
-                 max_actor_restarts: int = 3, fid_method: str = "eigh"):
+                 max_actor_restarts: int = 3, fid_method: str = "eigh", start_timeout_s: float = 600.0):
         """The reference is one of: a statistics file, ReferenceStats in memory, or a DatasetRequest
-        (reference_data) whose statistics a background task computes on the pool's resources."""
+        (reference_data) whose statistics a background task computes on the pool's resources.
+        start_timeout_s: how long the first eval waits for the actors to be placed and started."""
         if not isinstance(num_actors, int) or num_actors < 1:
             raise ValueError(f"EvalPool num_actors={num_actors!r}: must be a positive integer")
         resources = dict(resources_per_actor or {"num_cpus": 1})
@@ -130,8 +138,12 @@ class EvalPool:
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(include_dashboard=False, log_to_driver=False)
+        if not start_timeout_s > 0:
+            raise ValueError(f"EvalPool start_timeout_s={start_timeout_s!r}: must be > 0")
         self.num_actors = num_actors
         self.max_actor_restarts = max_actor_restarts
+        self.start_timeout_s = start_timeout_s
+        self._started = False
         self._resources = resources
         self._device = "cuda" if resources.get("num_gpus", 0) > 0 else "cpu"
         self._threads = max(1, int(resources.get("num_cpus", 1)))
@@ -144,11 +156,17 @@ class EvalPool:
             self._reference = _load_reference.options(**resources).remote(str(ref_stats_path), fid_method,
                                                                           self._device)
         self._actors = [self._new_actor() for _ in range(num_actors)]
+        missing = unavailable_resources(resources)
+        if missing:  # said at once; an autoscaler may still add such a node within start_timeout_s
+            log.warning("eval actors ask for %s, which no node of this Ray cluster has now; they wait up to "
+                        "%.0f s for one, then evals are switched off", missing, start_timeout_s)
 
         self._state = threading.Condition()      # guards everything below
         self._pending: _Job | None = None
+        self._running: _Job | None = None
         self._busy = False
         self._closed = False
+        self.off_reason: str | None = None      # set when the actors could not start: submits are dropped
         self._results: list[EvalResult] = []
         self.failures: list[EvalFailure] = []
         self.dropped_steps: list[int | None] = []
@@ -164,6 +182,9 @@ class EvalPool:
         with self._state:
             if self._closed:
                 raise RuntimeError("EvalPool.submit: the pool is closed")
+            if self.off_reason is not None:
+                log.debug("eval pool is off (%s): step %s not evaluated", self.off_reason, step)
+                return
             if self._pending is not None:
                 log.warning("eval pool busy: dropping the pending eval of step %s for step %s "
                             "(evals are slower than the eval interval; consider a longer interval)",
@@ -177,6 +198,11 @@ class EvalPool:
         with self._state:
             results, self._results = self._results, []
         return results
+
+    def in_use(self) -> set[str]:
+        """The checkpoints of the running and the pending eval: what must stay readable."""
+        with self._state:
+            return {job.checkpoint for job in (self._running, self._pending) if job is not None}
 
     @property
     def busy(self) -> bool:
@@ -234,6 +260,7 @@ class EvalPool:
                                                            self.fid_method)
 
     def _replace_actor(self, slot: int) -> None:
+        self._started = False  # the replacement is waited for like the first ones
         ray.kill(self._actors[slot], no_restart=True)
         self._actors[slot] = self._new_actor()
 
@@ -249,7 +276,7 @@ class EvalPool:
                 if self._closed:
                     return
                 job, self._pending = self._pending, None
-                self._busy = True
+                self._running, self._busy = job, True
             try:
                 result = self._run(job)
                 with self._state:
@@ -258,13 +285,23 @@ class EvalPool:
                          result.num_samples, result.seconds)
             except _Cancelled:
                 return
+            except EvalStartError as err:  # a cluster without room for the actors: say so once, stop trying
+                log.warning("%s; evals are off for the rest of this run", err)
+                with self._state:
+                    self.off_reason = str(err)
+                    self.failures.append(EvalFailure(job.step, job.checkpoint, f"{type(err).__name__}: {err}"))
+                    if self._pending is not None:
+                        self.dropped_steps.append(self._pending.step)
+                    self._pending = None
+                for actor in self._actors:  # withdraw their resource requests
+                    ray.kill(actor, no_restart=True)
             except Exception as err:  # an eval must never take training down: record it and go on
                 log.error("eval of step %s (%s) failed: %s", job.step, job.checkpoint, err, exc_info=True)
                 with self._state:
                     self.failures.append(EvalFailure(job.step, job.checkpoint, f"{type(err).__name__}: {err}"))
             finally:
                 with self._state:
-                    self._busy = False
+                    self._running, self._busy = None, False
                     self._state.notify_all()
 
     def _run(self, job: _Job, save_npz=None, on_samples=None) -> EvalResult:
@@ -272,6 +309,7 @@ class EvalPool:
             began = time.perf_counter()
             writer, num_classes = None, None
             try:
+                self._wait_started()
                 if save_npz is not None:
                     from .images import NpzBatchWriter
 
@@ -298,6 +336,28 @@ class EvalPool:
                               recall=scores.recall, num_samples=job.spec.num_samples,
                               seconds=time.perf_counter() - began, sample_grid=grid, checkpoint=job.checkpoint,
                               actor_restarts=restarts)
+
+    def _wait_started(self) -> None:
+        """Block until every actor runs (placed, reference loaded), at most start_timeout_s."""
+        if self._started:
+            return
+        pending = [actor.pid.remote() for actor in self._actors]
+        deadline = time.monotonic() + self.start_timeout_s
+        while pending:
+            self._check_open()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                started = len(self._actors) - len(pending)
+                missing = unavailable_resources(self._resources)
+                why = (f"no node of the Ray cluster has {missing}" if missing else
+                       "the cluster's nodes that could hold them are busy (e.g. every GPU runs a training "
+                       "worker), or their reference is still loading")
+                raise EvalStartError(f"eval actors not started within start_timeout_s={self.start_timeout_s:g} s "
+                                     f"({started} of {len(self._actors)} running; each asks for {self._resources}): "
+                                     f"{why}")
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, remaining))
+            ray.get(ready)  # an actor whose constructor failed raises here
+        self._started = True
 
     def _run_chunks(self, job: _Job, writer, num_classes, on_samples):
         chunks = job.spec.chunks()
@@ -353,3 +413,16 @@ class EvalPool:
                     slot, what, type(err).__name__)
         self._replace_actor(slot)
         return restarts
+
+
+def unavailable_resources(resources: dict) -> dict:
+    """What of an actor's resource request no alive node of the Ray cluster has in total ({} = some node fits)."""
+    want = {"CPU": resources.get("num_cpus", 0), "GPU": resources.get("num_gpus", 0),
+            "memory": resources.get("memory", 0), **resources.get("resources", {})}
+    if resources.get("accelerator_type"):
+        want[f"accelerator_type:{resources['accelerator_type']}"] = 0.001
+    want = {k: v for k, v in want.items() if v}
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    if any(all(node.get(k, 0) >= v for k, v in want.items()) for node in nodes):
+        return {}
+    return {k: v for k, v in want.items() if not any(node.get(k, 0) >= v for node in nodes)} or want
