@@ -21,7 +21,7 @@ from data.remote import (cache_root, clean_stale_caches, default_cache_dir, read
                          release_cache_user)
 from data.shm import clean_stale_streaming_state
 from data.wds_plan import Phase, consumed_per_slot, current_layout, round_robin
-from data.writer import MANIFEST
+from data.writer import MANIFEST, DamagedShardsError, damaged_shards
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -195,6 +195,17 @@ class _MdsBackend:
             self.dataset._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _warn_damaged(root: str, manifest: dict, fmt: str) -> None:
+    """A run goes on past shards damaged under it (their unreadable samples are skipped and counted);
+    only a shard set with nothing left to read is an error."""
+    problems = damaged_shards(root, manifest, [fmt])
+    if len(problems) == len(manifest["shards"][fmt]):
+        raise DamagedShardsError(f"{root}: every {fmt} shard is damaged ({problems[0]}, ...): nothing left to read")
+    if problems:
+        log.warning("data: %d damaged shard(s) in %s (%s): their unreadable samples are skipped and counted",
+                    len(problems), root, "; ".join(problems[:3]))
+
+
 def _check_same(state: dict, key: str, value, why: str) -> None:
     if key in state and state[key] != value:
         raise ValueError(f"data loader state has {key}={state[key]!r} but this run has {value!r}: {why}")
@@ -234,6 +245,8 @@ class ShardLoader:
         if config.format not in manifest.get("formats", []):
             raise ValueError(f"data.format={config.format!r} but {root} holds {manifest.get('formats')}: "
                              f"choose one of those, or shard again with --format {config.format}")
+        if not remote:  # damaged since the driver checked them (a restart after a shard was truncated mid-run)
+            _warn_damaged(root, manifest, config.format)
         self.manifest = manifest
         self._closed = False
         backend = _MdsBackend if config.format == "mds" else _WdsBackend

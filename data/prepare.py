@@ -10,7 +10,7 @@ import uuid
 
 from data.config import DataConfig, is_remote
 from data.remote import default_cache_dir, read_json
-from data.writer import MANIFEST
+from data.writer import MANIFEST, check_shards
 
 SYNTHETIC_VERSION = 1  # bump when data.synthetic's pictures change, so old caches are not reused
 
@@ -58,6 +58,9 @@ def prepare_dataset(config: DataConfig, work_dir: str) -> DataConfig:
     if not remote and not os.path.isdir(config.path):
         raise FileNotFoundError(f"data.path={config.path!r} does not exist (expected a `dip data shard` output "
                                 f"directory, a remote URI like s3://bucket/prefix, or 'synthetic')")
+    if not remote and not os.path.exists(os.path.join(config.path, MANIFEST)):
+        raise FileNotFoundError(f"data.path={config.path!r} has no {MANIFEST}: not a `dip data shard` output "
+                                f"directory{_what_it_holds(config.path)}")
     cache_dir = config.cache_dir
     if remote and not cache_dir:
         cache_dir = default_cache_dir(config.path, run_token=uuid.uuid4().hex)
@@ -68,4 +71,20 @@ def prepare_dataset(config: DataConfig, work_dir: str) -> DataConfig:
                              f"choose one of those, or shard again with --format {config.format}")
         if config.format == "mds":
             read_json(config.path, "mds/index.json", os.path.join(scratch, "mds"), config.download_timeout_s)
+    if not manifest.get("num_samples"):
+        raise ValueError(f"data.path={config.path!r} holds no samples ({len(manifest.get('skipped', []))} "
+                         "undecodable source file(s) were skipped when it was sharded)")
+    if not remote:  # a truncated or missing shard: said now, not by a worker hours into the run
+        check_shards(config.path, manifest, [config.format])
     return config.replace(cache_dir=cache_dir)
+
+
+def _what_it_holds(path: str) -> str:
+    """A hint for a directory that is not a shard set: empty, or raw images to shard first."""
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    if not entries:
+        return " (it is empty)"
+    if any(os.path.isdir(os.path.join(path, e)) for e in entries):
+        return (f" (it looks like a folder of images: shard it first, e.g. `dip data shard --src {path} "
+                f"--out {path.rstrip(os.sep)}-shards`, then data.path={path.rstrip(os.sep)}-shards)")
+    return ""

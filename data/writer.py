@@ -32,6 +32,36 @@ ENCODINGS = ("png", "jpeg", "npy")
 MDS_COLUMNS = {"key": "str", "label": "int", "image": "bytes"}
 
 log = logging.getLogger(__name__)
+WARN_SKIPS = 10  # undecodable files named in the log per writer process; the manifest lists them all
+
+
+class DamagedShardsError(ValueError):
+    """Shard files that are missing or differ in size from the manifest (truncated or replaced)."""
+
+
+def damaged_shards(root: str, manifest: dict, formats: list[str] | None = None) -> list[str]:
+    """Problems of a local shard directory's files against its manifest: one line per damaged shard."""
+    problems = []
+    for fmt in formats or manifest.get("formats", []):
+        for shard in manifest.get("shards", {}).get(fmt, []):
+            path = os.path.join(root, fmt, shard["name"])
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                problems.append(f"{path} is missing")
+                continue
+            if size != shard["bytes"]:
+                problems.append(f"{path} is {size} bytes, the manifest says {shard['bytes']} (truncated or replaced)")
+    return problems
+
+
+def check_shards(root: str, manifest: dict, formats: list[str] | None = None) -> None:
+    """Raise DamagedShardsError naming every damaged shard of a local shard directory."""
+    problems = damaged_shards(root, manifest, formats)
+    if problems:
+        raise DamagedShardsError(f"{root}: {len(problems)} damaged shard(s): {'; '.join(problems[:3])}"
+                                 f"{' ...' if len(problems) > 3 else ''}. Restore them, or shard the images again "
+                                 "(dip data shard)")
 
 
 @dataclass
@@ -203,7 +233,9 @@ def write_part(source, items: list[SourceItem], options: ShardOptions, part: int
             data, ext = _encode_record(source, item, options)
         except CorruptImageError as err:
             writers.result.skipped.append({"key": item.key, "reason": str(err)})
-            log.warning("skipping %s: not a decodable image (%s)", item.key, err)
+            if len(writers.result.skipped) <= WARN_SKIPS:
+                log.warning("skipping %s: not a decodable image (%s)%s", item.key, err,
+                            " (further ones: see the manifest)" if len(writers.result.skipped) == WARN_SKIPS else "")
         else:
             writers.write(item, data, ext)
         if progress_counter is not None:
@@ -244,6 +276,12 @@ def write_shards(source, options: ShardOptions) -> dict:
     bar.close()
 
     manifest = _build_manifest(source, options, results, time.time() - started)
+    if manifest["num_samples"] == 0:  # nothing to train on: an error, not an empty shard set
+        for name in ("mds", "wds"):
+            shutil.rmtree(os.path.join(options.out, name), ignore_errors=True)
+        first = manifest["skipped"][0]
+        raise ValueError(f"--src {source.describe()!r}: none of its {len(items)} file(s) is a decodable image "
+                         f"(e.g. {first['key']}: {first['reason']}); nothing was written")
     if "mds" in options.formats and num_parts > 1:
         _merge_mds_index(options.out, num_parts)
     with open(os.path.join(options.out, MANIFEST + ".tmp"), "w") as handle:

@@ -86,3 +86,46 @@ def test_stale_state_of_a_killed_run_is_cleaned_and_live_state_kept(tmp_path):
     assert any(n.startswith(live_prefix) for n in streaming_segments())  # a live run's state is untouched
     next(live)
     live.close()
+
+
+@pytest.mark.slow
+def test_bad_data_ends_in_a_one_line_error_before_anything_starts(tmp_path, capsys):
+    """`dip data shard` and `dip train` on a path that does not exist, an empty folder, a folder whose
+    images are all undecodable and (train) a shard set with a truncated shard: exit code 2 and one
+    line naming the problem; nothing is written, no Ray is started."""
+    import ray
+    import yaml
+
+    from tests.test_trainer_support import TINY
+
+    missing, empty, corrupt = tmp_path / "missing", tmp_path / "empty", tmp_path / "corrupt"
+    empty.mkdir()
+    for name in ("cat", "dog"):
+        (corrupt / name).mkdir(parents=True)
+        for i in range(3):
+            (corrupt / name / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg" * i)
+
+    def one_line_error(argv, needle: str) -> None:
+        assert dip(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and needle in err.splitlines()[-1], err
+
+    for src, needle in ((missing, "not a directory"), (empty, "no class sub-folders"),
+                        (corrupt, "none of its 6 file(s) is a decodable image")):
+        out = tmp_path / f"shards-of-{src.name}"
+        one_line_error(["data", "shard", "--src", str(src), "--out", str(out), "--no-progress"], needle)
+        assert not (out / "manifest.json").exists() and not (out.exists() and os.listdir(out))
+
+    shards = tmp_path / "shards"
+    assert dip(["data", "shard", "--src", "synthetic", "--num-images", "16", "--resolution", "16", "--format", "mds",
+                "--shard-size", "2KB", "--out", str(shards), "--no-progress"]) == 0
+    with open(shards / "manifest.json") as handle:
+        shard = json.load(handle)["shards"]["mds"][1]
+    os.truncate(shards / "mds" / shard["name"], 100)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "run_name": "bad-data", "output_dir": str(tmp_path / "runs")}))
+    for path, needle in ((missing, "does not exist"), (empty, "not a `dip data shard` output directory (it is empty)"),
+                         (corrupt, "it looks like a folder of images: shard it first"),
+                         (shards, f"{shard['name']} is 100 bytes, the manifest says {shard['bytes']}")):
+        one_line_error(["train", str(config), f"data.path={path}"], needle)
+    assert not ray.is_initialized()

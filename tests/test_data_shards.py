@@ -188,32 +188,54 @@ def test_corrupt_record_is_skipped_counted_and_warned_once(precropped, fmt):
     assert loader.state_dict()["corrupt_samples"] == 2
 
 
-def test_truncated_wds_shard_is_an_error_naming_it(precropped):
+@pytest.mark.parametrize("fmt, keep_bytes", [("mds", lambda size: 64), ("wds", lambda size: size // 2)])
+def test_a_shard_truncated_mid_run_is_skipped_counted_and_named_once(precropped, fmt, keep_bytes):
+    """A shard truncated under a running loader: its unreadable samples are replaced by samples of the
+    next shard (batches stay whole, positions exact), counted, and the shard is named in one warning."""
     with open(os.path.join(precropped, "manifest.json")) as handle:
-        name = json.load(handle)["shards"]["wds"][0]["name"]
-    path = os.path.join(precropped, "wds", name)
-    os.truncate(path, os.path.getsize(path) // 2)
-    loader = build_dataloader(DataConfig(path=precropped, format="wds", resolution=RES, batch_size=8,
+        shard = json.load(handle)["shards"][fmt][0]
+    path = os.path.join(precropped, fmt, shard["name"])
+    loader = build_dataloader(DataConfig(path=precropped, format=fmt, resolution=RES, batch_size=8,
                                          num_workers=0, shuffle=False), 0, 1)
-    with pytest.raises(RuntimeError) as info:
-        for _ in range(12):
-            next(loader)
+    keys = list(next(loader)[2])
+    os.truncate(path, keep_bytes(shard["bytes"]))  # after the loader checked the shards
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(11):  # the rest of two epochs of 6 batches
+            pixels, labels, batch_keys = next(loader)
+            assert pixels.shape == (8, 3, RES, RES) and labels.shape == (8,)
+            keys += batch_keys
     loader.close()
-    assert name in str(info.value) and path in str(info.value)
+    assert len(keys) == 96 and loader.epoch == 1
+    named = [str(w.message) for w in caught if issubclass(w.category, CorruptSampleWarning)
+             and f"{shard['name']} (damaged shard)" in str(w.message)]
+    assert len(named) == 1, [str(w.message) for w in caught]
+    assert loader.corrupt_samples >= 1 and loader.state_dict()["corrupt_samples"] == loader.corrupt_samples
 
 
-def test_truncated_mds_shard_is_an_error_naming_it(precropped):
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_a_damaged_shard_is_refused_at_start_and_tolerated_by_a_restarted_worker(precropped, fmt, caplog):
+    """Before a run: `prepare_dataset` (the driver) refuses, naming the shard. A worker group that Ray
+    restarts in a run whose shard was damaged under it goes on, with a warning naming it."""
+    from data import prepare_dataset
+    from data.writer import DamagedShardsError
+
     with open(os.path.join(precropped, "manifest.json")) as handle:
-        name = json.load(handle)["shards"]["mds"][0]["name"]
-    path = os.path.join(precropped, "mds", name)
-    os.truncate(path, 64)
-    loader = build_dataloader(DataConfig(path=precropped, format="mds", resolution=RES, batch_size=8,
-                                         num_workers=0, shuffle=False), 0, 1)
-    with pytest.raises(RuntimeError) as info:
-        for _ in range(12):
-            next(loader)
+        shard = json.load(handle)["shards"][fmt][-1]
+    path = os.path.join(precropped, fmt, shard["name"])
+    os.truncate(path, shard["bytes"] // 2)
+    config = DataConfig(path=precropped, format=fmt, resolution=RES, batch_size=8, num_workers=0)
+    with pytest.raises(DamagedShardsError, match=f"{path} is {shard['bytes'] // 2} bytes, the manifest says "
+                                                 f"{shard['bytes']}"):
+        prepare_dataset(config, precropped)
+    with caplog.at_level("WARNING", logger="data.loader"):
+        loader = build_dataloader(config, 0, 1)
+    assert f"{path} is {shard['bytes'] // 2} bytes" in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptSampleWarning)
+        for _ in range(6):
+            assert next(loader)[0].shape == (8, 3, RES, RES)
     loader.close()
-    assert name in str(info.value) and os.path.join(precropped, "mds") in str(info.value)
 
 
 def test_missing_path_and_format_are_clear(precropped, tmp_path):

@@ -144,3 +144,40 @@ def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypat
     grid = np.asarray(Image.open(out))  # 2 x 2 tiles of 16 px
     tiles = [grid[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] for r in range(2) for c in range(2)]
     assert all(np.array_equal(tile, image) for tile, image in zip(tiles, ours))
+
+
+def test_a_shard_truncated_mid_run_costs_its_samples_not_the_run(tmp_path, ray_cluster, monkeypatch):  # noqa: F811
+    """Every shard but one is truncated once step-4 is committed: the run finishes, the unreadable
+    samples are skipped and counted (the corrupt_samples metric), no worker fails."""
+    import threading
+    import time
+
+    from cluster.cli import main as dip
+    from cluster.launch import launch, run_paths
+    from trainer.checkpoint_store import CheckpointStore
+
+    shards = tmp_path / "shards"
+    assert dip(["data", "shard", "--src", "synthetic", "--num-images", "48", "--classes", "4", "--resolution", "16",
+                "--format", "mds", "--shard-size", "2KB", "--out", str(shards), "--no-progress"]) == 0
+    names = [s["name"] for s in json.loads((shards / "manifest.json").read_text())["shards"]["mds"]]
+    assert len(names) >= 3
+    monkeypatch.setenv("DIP_FAULT_STEP_SLEEP_S", "0.3")  # steps 5-10 read after the truncation
+    cfg = tiny_config(tmp_path, "damaged", [f"data.path={shards}", "train.max_steps=10", "cluster.max_failures=0"])
+    truncated = []
+
+    def truncate_after_step_4() -> None:
+        store = CheckpointStore(run_paths(cfg).checkpoint_uri)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not store.verify(4).ok:
+            time.sleep(0.05)
+        for name in names[:-1]:
+            os.truncate(shards / "mds" / name, 100)
+            truncated.append(name)
+
+    watcher = threading.Thread(target=truncate_after_step_4, daemon=True)
+    watcher.start()
+    summary = launch(cfg)  # max_failures=0: a worker that failed would fail the run
+    watcher.join(timeout=5)
+    assert truncated and summary.status == "FINISHED" and summary.steps == 10
+    corrupt = metric_history(summary.tracking_uri, summary.mlflow_run_id, "corrupt_samples")
+    assert corrupt[4] == [0.0] and corrupt[10][0] > 0, corrupt
