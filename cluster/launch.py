@@ -127,32 +127,98 @@ class RunSummary:
     metrics: dict = field(default_factory=dict)
 
 
+EVAL_WAIT_S = 600.0           # a run that ended well waits this long for its last eval
+STOP_GRACE_ENV = ("DIP_STOP_GRACE_S", "RAY_JOB_STOP_WAIT_TIME_S")  # the second: what `dip jobs stop` gives
+DEFAULT_STOP_GRACE_S = 30.0   # SIGTERM to SIGKILL of Kubernetes (terminationGracePeriodSeconds) and Slurm (KillWait)
+
+
+def stop_grace_s(signum: int) -> float | None:
+    """Seconds between a stop signal and the SIGKILL that follows it: $DIP_STOP_GRACE_S, else a Ray job's
+    $RAY_JOB_STOP_WAIT_TIME_S (`dip submit --stop-grace-s`), else 30 s after a SIGTERM; None after an
+    interactive Ctrl-C (nothing kills the driver then)."""
+    for name in STOP_GRACE_ENV:
+        try:
+            return max(0.0, float(os.environ.get(name, "")))
+        except ValueError:
+            continue
+    return DEFAULT_STOP_GRACE_S if signum == signal.SIGTERM else None
+
+
 class _StopOnSignal:
-    """SIGTERM / first Ctrl-C: ask the workers (through the checkpoint store) to checkpoint and stop."""
+    """SIGTERM / first Ctrl-C: ask the workers (through the checkpoint store) to checkpoint and stop.
+    A second Ctrl-C aborts: KeyboardInterrupt wherever the driver waits, `aborted` set.
+
+    A stop signal is followed by SIGKILL once its grace period is over (stop_grace_s): from the signal
+    on, every wait of the driver is cut to what is left (`budget`), keeping a reserve for what must
+    land before the kill: the model card, the last MLflow flush and the run's end status. During the
+    driver's last waits (`interruptible`: the eval, the flush) any signal cuts the wait short."""
+
+    FINISH_RESERVE_S = 15.0  # covers the card, the flush, the status, Ray's shutdown and the exit
 
     def __init__(self, store: CheckpointStore):
         self.store = store
         self.requested = False
+        self.aborted = False
+        self.deadline: float | None = None  # time.monotonic() of the expected SIGKILL
+        self.reserve = 0.0
         self._previous = {}
+        self._in_wait = False
 
-    def __enter__(self):
+    def install(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting
-        self.requested = True
-        _echo(f"dip train: {signal.Signals(signum).name}: asking the workers to checkpoint and stop "
-              "(Ctrl-C again to abort)")
-        self.store.request_stop()
-
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        return False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self._in_wait:  # training is over: a signal only cuts the last waits short
+            self._start_grace(signum)
+            raise KeyboardInterrupt
+        if self.requested and signum == signal.SIGINT:
+            self.aborted = True
+            raise KeyboardInterrupt  # a second Ctrl-C aborts without waiting
+        if self.requested:
+            return  # a repeated SIGTERM: already stopping
+        self.requested = True
+        grace = self._start_grace(signum)
+        _echo(f"dip train: {signal.Signals(signum).name}: asking the workers to checkpoint and stop"
+              + (f" within the {grace:g} s grace period" if grace is not None else "") + " (Ctrl-C again to abort)")
+        self.store.request_stop()
+
+    def _start_grace(self, signum: int) -> float | None:
+        grace = stop_grace_s(signum)
+        if grace is not None and self.deadline is None:
+            self.deadline = time.monotonic() + grace
+            self.reserve = min(self.FINISH_RESERVE_S, grace / 3)
+        return grace
+
+    def budget(self, wanted: float, keep: float | None = None) -> float:
+        """`wanted` seconds of waiting, cut to what the grace period leaves after `keep` (the reserve)."""
+        if self.deadline is None:
+            return wanted
+        keep = self.reserve if keep is None else keep
+        return max(0.0, min(wanted, self.deadline - time.monotonic() - keep))
+
+    def out_of_time(self) -> bool:
+        """Only the reserve is left of the grace period."""
+        return self.deadline is not None and self.budget(1.0) <= 0.0
+
+    def interruptible(self, wait, instead) -> None:
+        """A bounded wait that a signal cuts short: then `instead` runs, which must not wait."""
+        self._in_wait = True
+        try:
+            wait()
+            return
+        except KeyboardInterrupt:
+            _echo("dip train: signal: not waiting any longer")
+        finally:
+            self._in_wait = False
+        instead()
 
 
 @dataclass
@@ -237,9 +303,10 @@ def build_trainer(run: PreparedRun, run_id: str):
     )
 
 
-def fit_until_done(trainer, store: CheckpointStore, eval_hook) -> tuple[object, bool]:
-    """trainer.fit() in a thread while the driver polls the eval pool and turns signals into stop
-    requests. Returns (Ray's Result, whether a stop was requested); re-raises the fit's error here."""
+def fit_until_done(trainer, stopper: _StopOnSignal, eval_hook) -> tuple[object, bool]:
+    """trainer.fit() in a thread while the driver polls the eval pool (the stopper, installed, turns
+    signals into stop requests). Returns (Ray's Result, whether a stop was requested); re-raises the
+    fit's error here. A stop's grace period nearly over with the workers not done: (None, True)."""
     outcome: dict = {}
 
     def fit() -> None:
@@ -248,12 +315,15 @@ def fit_until_done(trainer, store: CheckpointStore, eval_hook) -> tuple[object, 
         except BaseException as err:  # re-raised in the driver's thread below
             outcome["error"] = err
 
-    with _StopOnSignal(store) as stopper:
-        runner = threading.Thread(target=fit, name="dip-fit", daemon=True)
-        runner.start()
-        while runner.is_alive():
-            runner.join(timeout=1.0)
-            eval_hook.poll()
+    runner = threading.Thread(target=fit, name="dip-fit", daemon=True)
+    runner.start()
+    while runner.is_alive():
+        runner.join(timeout=1.0)
+        eval_hook.poll()
+        if stopper.out_of_time():
+            _echo("dip train: the stop grace period is almost over and the workers are not done: ending the "
+                  "run with its newest committed checkpoint")
+            return None, True
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], stopper.requested
@@ -274,25 +344,37 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
     started_ray = _start_ray(cfg, echo)
     eval_hook = None
     status, result, error = "FAILED", None, None
+    stopper = _StopOnSignal(run.store).install()  # kept through the `finally`: its waits stay interruptible
     try:
         eval_hook = EvalHook(cfg, run.store, driver_log)
-        result, stop_requested = fit_until_done(build_trainer(run, run_id), run.store, eval_hook)
-        metrics = dict(result.return_value or {})
+        result, stop_requested = fit_until_done(build_trainer(run, run_id), stopper, eval_hook)
+        metrics = dict(result.return_value or {}) if result is not None else {}
         status = "STOPPED" if (metrics.get("stopped") or stop_requested) else "FINISHED"
+    except KeyboardInterrupt:  # a second Ctrl-C: abort; only what takes no waiting is still done
+        status = "ABORTED"
+        raise
     except BaseException as err:
         error = err
         raise
     finally:
+        # Every wait below is bounded by what is left of a stop's grace period, and a signal ends it.
         if eval_hook is not None:
-            eval_hook.close(wait_s=0.0 if error else 600.0)
+            eval_wait = 0.0 if error is not None or status == "ABORTED" else stopper.budget(EVAL_WAIT_S)
+            if eval_wait > 0 and eval_hook.pool is not None:
+                echo(f"dip train: waiting up to {eval_wait:.0f} s for the last eval (Ctrl-C to skip it)")
+            stopper.interruptible(lambda: eval_hook.close(wait_s=eval_wait), lambda: eval_hook.close(wait_s=0.0))
         run.store.clear_stop_request()
         latest = run.store.latest_committed(warn=False)
-        if status != "FAILED":
+        if status in ("FINISHED", "STOPPED"):
             _write_model_card(cfg, run.paths, run_id, latest, result, driver_log)
         if status == "FINISHED":  # a stopped run goes on later: its final model comes then
             log_final_model(cfg, run.paths.tracking_uri, run_id, run.paths.checkpoint_uri, latest, config_hash(cfg))
-        driver_log.close(cfg.tracking.flush_timeout_s)
-        finish_run(run.paths.tracking_uri, run_id, {"FINISHED": "FINISHED", "STOPPED": "KILLED"}.get(status, "FAILED"))
+        flush_s = stopper.budget(min(cfg.tracking.flush_timeout_s, 2.0 if status == "ABORTED" else float("inf")),
+                                 keep=stopper.reserve / 5)
+        stopper.interruptible(lambda: driver_log.close(flush_s), lambda: driver_log.close(0.0))
+        finish_run(run.paths.tracking_uri, run_id,
+                   {"FINISHED": "FINISHED", "STOPPED": "KILLED", "ABORTED": "KILLED"}.get(status, "FAILED"))
+        stopper.restore()
         if started_ray:
             ray.shutdown()
     metrics = dict(result.return_value or {}) if result is not None else {}

@@ -20,6 +20,11 @@ from tests.test_trainer_support import (assert_bit_identical, final_weights, met
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REFERENCES: dict = {}
+# A driver with an eval in flight that never ends by itself (each chunk sleeps 600 s): whatever waits
+# on it must be bounded. One more logical CPU for the eval actor beside the two workers.
+SLOW_EVAL = ["eval.enabled=true", "eval.every_steps=4", "eval.ref_stats=synthetic", "eval.ref_samples=8",
+             "eval.num_samples=8", "eval.steps=1", "cluster.num_cpus=3"]
+GRACE_S = 30  # SIGTERM to SIGKILL: Kubernetes' default; what `dip jobs stop` gives is --stop-grace-s
 
 
 @pytest.fixture(scope="module")
@@ -112,38 +117,85 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
     assert CheckpointStore(run.checkpoint_dir).verify(8).ok
 
 
-def test_sigterm_to_the_driver_checkpoints_stops_and_a_rerun_resumes(tmp_path, reference):
-    """Driver side: SIGTERM asks the workers to checkpoint and stop; the same command resumes it."""
-    from cluster.launch import launch, run_paths
-    from trainer.checkpoint import load_train_state
+def _start_driver(tmp_path, cfg, extra_env: dict):
+    """`dip train` in its own process (its own local Ray), slowed down and with a never-ending eval;
+    returns once step-4 is committed."""
+    from cluster.launch import run_paths
     from trainer.checkpoint_store import CheckpointStore
     from trainer.config import to_dict
 
-    ref = reference(2)
-    cfg = tiny_config(tmp_path, "stopped")
-    config_file = tmp_path / "stopped.yaml"
+    config_file = tmp_path / f"{cfg.run_name}.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    env = {**os.environ, "DIP_FAULT_STEP_SLEEP_S": "0.5", "DIP_FAULT_EVAL_SLEEP_S": "600", "PYTHONPATH": REPO,
+           **extra_env}
+    driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(config_file), *SLOW_EVAL], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     store_dir = run_paths(cfg).checkpoint_uri
-    env = {**os.environ, "DIP_FAULT_STEP_SLEEP_S": "0.5", "PYTHONPATH": REPO}
-    driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(config_file)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    store = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and driver.poll() is None:
-        if os.path.isdir(store_dir):
-            store = store or CheckpointStore(store_dir)
-            if store.verify(4).ok:
-                break
+        if os.path.isdir(store_dir) and CheckpointStore(store_dir).verify(4).ok:
+            break
         time.sleep(0.1)
+    return driver, CheckpointStore(store_dir)
+
+
+def _mlflow_status(cfg, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from cluster.launch import run_paths
+
+    return MlflowClient(tracking_uri=run_paths(cfg).tracking_uri).get_run(run_id).info.status
+
+
+def test_sigterm_to_the_driver_checkpoints_stops_and_a_rerun_resumes(tmp_path, reference):
+    """Driver side: SIGTERM asks the workers to checkpoint and stop. Within the grace period before the
+    SIGKILL that follows it (an eval still in flight), the checkpoint, the model card and the MLflow
+    run's end status all land; the same command resumes it."""
+    from cluster.launch import launch
+    from trainer.checkpoint import load_train_state
+
+    ref = reference(2)
+    cfg = tiny_config(tmp_path, "stopped")
+    driver, store = _start_driver(tmp_path, cfg, {"RAY_JOB_STOP_WAIT_TIME_S": str(GRACE_S)})
     driver.send_signal(signal.SIGTERM)
-    output, _ = driver.communicate(timeout=600)
+    try:
+        output, _ = driver.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:  # the end of the grace period: what Ray's job supervisor does then
+        driver.kill()
+        output = driver.communicate()[0]
+        pytest.fail(f"the driver outlived its {GRACE_S} s grace period:\n{output[-3000:]}")
     assert driver.returncode == 0, output[-3000:]
     assert "asking the workers to checkpoint and stop" in output and "stopped on request" in output
-    stopped_at = CheckpointStore(store_dir).latest_committed()
+    assert "waiting up to" in output  # for the eval: what was left of the grace period, minus the reserve
+    stopped_at = store.latest_committed()
     assert 4 < stopped_at < 12, f"stopped at step {stopped_at}"
-    assert not CheckpointStore(store_dir).stop_requested()  # the request does not outlive the run
-    stopped_run_id = load_train_state(CheckpointStore(store_dir), stopped_at)["mlflow_run_id"]
+    assert not store.stop_requested()  # the request does not outlive the run
+    stopped_run_id = load_train_state(store, stopped_at)["mlflow_run_id"]
+    assert _mlflow_status(cfg, stopped_run_id) == "KILLED"
+    card = open(os.path.join(cfg.run_dir, "MODEL_CARD.md")).read()
+    assert f"step-{stopped_at} (ema.pt" in card
 
     rerun = launch(cfg)  # the same command again: resumes, continues the same MLflow run
     assert rerun.mlflow_run_id == stopped_run_id
     _assert_same_training(rerun, ref)
+
+
+def test_a_second_ctrl_c_aborts_at_once_with_an_eval_in_flight(tmp_path):
+    """The first Ctrl-C asks for a checkpoint and a stop; a second one, while the workers are still at
+    it, aborts: no wait for the eval (before: up to 600 s), the MLflow run ends KILLED, exit code 130."""
+    from trainer.checkpoint import load_train_state
+
+    cfg = tiny_config(tmp_path, "aborted")
+    driver, store = _start_driver(tmp_path, cfg, {})
+    driver.send_signal(signal.SIGINT)
+    time.sleep(0.3)  # the workers need seconds to checkpoint and stop: this lands before they are done
+    driver.send_signal(signal.SIGINT)
+    try:
+        output, _ = driver.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        output = driver.communicate()[0]
+        pytest.fail(f"a second Ctrl-C did not abort:\n{output[-3000:]}")
+    assert driver.returncode == 130, output[-3000:]
+    assert "dip train: interrupted" in output
+    assert _mlflow_status(cfg, load_train_state(store, 4)["mlflow_run_id"]) == "KILLED"

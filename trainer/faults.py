@@ -12,6 +12,7 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
   DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
                                  each micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
+  DIP_FAULT_EVAL_SLEEP_S=X       an eval actor sleeps X s before each chunk (an eval slower than any wait)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import signal
 import time
 
 ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S",
-            "DIP_FAULT_SAMPLE_LEDGER")
+            "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -94,3 +95,8 @@ def read_ledger(directory: str) -> list[dict]:
             with open(os.path.join(directory, name)) as f:
                 entries += [json.loads(line) for line in f if line.strip()]
     return entries
+
+
+def in_eval_chunk() -> None:
+    if "DIP_FAULT_EVAL_SLEEP_S" in os.environ:
+        time.sleep(float(os.environ["DIP_FAULT_EVAL_SLEEP_S"]))

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from trainer import faults
+
 from .local import GRID_IMAGES, score_feature_chunks
 from .spec import EvalResult, SamplingSpec, sample_grid
 
@@ -98,6 +100,7 @@ class EvalActor:
 
     @ray.method(num_returns=2)
     def run_chunk(self, checkpoint: str, spec: SamplingSpec, start: int, stop: int, keep_images: bool):
+        faults.in_eval_chunk()
         out = self.runner.run(checkpoint, spec, start, stop, keep_images)
         # Two objects: the small one the driver reads, the features it only passes on to score().
         return (out.start, out.stop, out.images), (out.pool, out.spatial)
