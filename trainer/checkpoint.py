@@ -53,7 +53,7 @@ _STAGING_DIR = re.compile(rf"^{STAGING_PREFIX}r\d+-(\d+-\d+)-[^-]+$")
 
 def sweep_stale_staging_dirs(temp_dir: str | None = None) -> list[str]:
     """Remove the staging directories of writers whose process is gone (SIGKILLed or OOM-killed
-    ranks never reach Checkpointer.close). Returns what was removed."""
+    ranks never reach CheckpointManager.close). Returns what was removed."""
     temp_dir = temp_dir or tempfile.gettempdir()
     removed = []
     for name in os.listdir(temp_dir):
