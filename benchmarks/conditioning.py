@@ -52,6 +52,7 @@ def init_report(init: str) -> None:
     from data.synthetic import reference_images
     from trainer.config import load_config
     from trainer.engine import build_objective_module
+    from trainer.rng import keyed_draws
 
     cfg = load_config(QUICKSTART, [f"model.init={init}"])
     module = build_objective_module(cfg)
@@ -60,7 +61,8 @@ def init_report(init: str) -> None:
     print(f"label effect at init: {label_effect(module.denoiser, probe):.3e} "
           f"(output mean |v| {module.denoiser(probe, torch.full((16,), 0.3), torch.zeros(16, dtype=torch.long)).abs().mean().item():.3f})")
     images, labels = reference_images(16, 32, 10, seed=0)
-    loss, _ = module(to_pm1(images), labels, torch.Generator().manual_seed(0))
+    keys = [f"probe-{i}" for i in range(16)]  # the trainer's per-sample draws (trainer.rng)
+    loss, _ = module(to_pm1(images), labels, keyed_draws(0, 0, keys, tuple(images.shape[1:]), "cpu"))
     loss.backward()
     groups = {"label table": "y_embedder", "timestep MLP": "t_embedder", "adaLN modulation": "adaLN",
               "attention": ".attn.", "SwiGLU": ".mlp.w", "patch embedding": "s_embedder",

@@ -56,6 +56,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_PRELOAD = ["torch", "torch.distributed", "deepspeed", "tests.data_helpers"]
+
+
+def _rank_context():
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)  # only read when the server starts (once per session)
+    return context
+
+
 def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
     try:
         import torch.distributed as dist
@@ -74,10 +83,13 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) 
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 240.0) -> list:
     """Run fn(rank, world_size, *args) in `world_size` real processes joined by a gloo group.
 
-    fork: the children inherit the already-imported torch/streaming (a spawn re-import costs tens of
-    seconds on a loaded 2-core machine); each is still its own process with its own DataLoader workers.
+    forkserver, not fork: by the time a test runs here, the pytest process has done torch work, and a
+    child forked from a process whose OpenMP pool is running hangs in its first parallel op (libgomp
+    is not fork-safe). The server is forked from a clean process that has only *imported* torch and
+    DeepSpeed, so each rank still starts in a second, not in the tens of seconds of a spawn re-import.
+    `fn` must be importable (a module-level function of a test module).
     """
-    context = mp.get_context("fork")
+    context = _rank_context()
     results = context.Queue()
     port = free_port()
     procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, args, results))

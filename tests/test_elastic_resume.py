@@ -40,8 +40,8 @@ def shards(tmp_path_factory) -> str:
 
 def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, save_at: tuple[int, ...]) -> dict:
     """One rank of the trainer's loop: resume from store_dir if it holds a checkpoint, step to `until`.
-    After a resume, rank 0 compares the engine's state with the checkpoint it came from (here, not in
-    the test process: torch work in a parent poisons its forked children's OpenMP pool)."""
+    After a resume, rank 0 compares the engine's state with the checkpoint it came from, here in the
+    rank, where the collective that consolidates it runs."""
     import torch.distributed as dist
 
     from trainer.config import config_from_dict

@@ -48,8 +48,7 @@ def _differences(got: dict, want: dict) -> list[str]:
 
 def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, save_at: tuple[int, ...]) -> dict:
     """One rank: resume from store_dir if it holds a checkpoint, step to `until` beside the gathered
-    reference, save at `save_at`. All torch work happens here, in the forked rank (see
-    tests/test_elastic_resume.py)."""
+    reference, save at `save_at`."""
     from models.ema import EMA
     from trainer.config import config_from_dict
     from trainer.engine import build_objective_module
