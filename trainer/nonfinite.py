@@ -57,8 +57,8 @@ def nonfinite_loss_scale(losses: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StepGuard:
-    """Around one optimizer step: scale the last loss (see nonfinite_loss_scale), then say whether the
-    engine applied the update."""
+    """Around one optimizer step: whether the engine applied the update (DeepSpeed counts a step it
+    skipped in engine.skipped_steps)."""
 
     def __init__(self, engine):
         self.engine = engine
