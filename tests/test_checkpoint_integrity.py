@@ -2,10 +2,10 @@
 checksums, trainer/checkpoint_store.py).
 
 The session's reference run (tests/conftest.py, zero2_reference: step-8 and step-12 kept) is copied and
-a byte of its newest ema.pt flipped. `dip sample`, `dip export` and the eval pool's loader refuse that
-step with the reason; an export of the checkpoints directory takes step-8 with a warning naming the
-file; a run resumed there warns the same, resumes from step-8 and writes a step-12 bit-identical to the
-reference's.
+a byte of its newest ema.pt flipped. `dip sample`, `dip export` and the eval pool's loader (given the
+eval hook's link to that ema.pt) refuse that step with the reason; an export of the checkpoints
+directory takes step-8 with a warning naming the file; a run resumed there warns the same, resumes from
+step-8 and writes a step-12 bit-identical to the reference's.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_re
     from cluster.launch import launch, run_paths
     from trainer.checkpoint_store import CheckpointStore
     from trainer.eval.generation import load_eval_model
+    from trainer.eval_hook import EvalHook
 
     reference = CheckpointStore(zero2_reference.checkpoint_dir)
     assert reference.steps() == [8, 12]
@@ -59,8 +60,10 @@ def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_re
     assert main(["export", step12, "--out", str(tmp_path / "model.pt")]) == 2
     assert capsys.readouterr().err.startswith(f"dip export: error: checkpoint {step12} cannot be exported: {why}")
     assert not (tmp_path / "grid.png").exists() and not (tmp_path / "model.pt").exists()
-    with pytest.raises(ValueError, match=f"cannot be used: {why}"):
-        load_eval_model(step12)  # what every eval actor loads a checkpoint with
+    pinned = EvalHook(cfg, store)._pin(12)  # what the eval hook hands the pool (its own link to ema.pt)
+    with pytest.raises(ValueError, match=f"checkpoint {pinned} cannot be used: {why}"):
+        load_eval_model(pinned)  # what every eval actor loads a checkpoint with
+    shutil.rmtree(os.path.dirname(pinned))
     with checkpoint_warnings() as warnings:
         assert main(["export", store.root, "--out", str(tmp_path / "model.pt")]) == 0
     assert f"ema weights of {store.step_path(8)} ->" in capsys.readouterr().out
