@@ -28,7 +28,9 @@ def _local_state(run) -> dict:
     optimizer = engine.optimizer
     while hasattr(optimizer, "optimizer"):  # DeepSpeed's wrappers hold the torch AdamW
         optimizer = optimizer.optimizer
-    out = {f"module.{name}": p.detach().float().clone() for name, p in engine.module.named_parameters()}
+    # ZeRO-3: this rank's partition (ds_tensor); what `param` shows is a gather that comes and goes
+    out = {f"module.{name}": getattr(p, "ds_tensor", p).detach().float().clone()
+           for name, p in engine.module.named_parameters()}
     # keyed by the parameters AdamW steps: this rank's flat fp32 partitions under ZeRO (ZeRO-3 hands them
     # to AdamW only during its step), the module's own parameters under ZeRO-0
     for i, (param, state) in enumerate(optimizer.state.items()):
