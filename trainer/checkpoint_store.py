@@ -7,8 +7,8 @@ altered in place by its checksum (read before the checkpoint is loaded). DeepSpe
 file is not used: it is written before the ranks' barrier.
 
 The checksum is XXH3-64 (xxhash), computed while the file is written, so saving reads nothing back:
-under 0.1 s per GB of one core here (benchmarks/checksum.py, benchmarks/RESULTS.md). Markers written before checksums
-existed list sizes only; they stay valid, checked by size.
+under 0.1 s per GB of one core here (benchmarks/checksum.py, benchmarks/RESULTS.md). Markers written
+before checksums existed list sizes only; they stay valid, checked by size.
 """
 from __future__ import annotations
 

@@ -26,25 +26,25 @@ def register(subparsers) -> None:
 
 
 def resolve_step_dir(path: str, reads: list[str] | None = None) -> tuple[str, int]:
-    """(committed step-N directory, N) for a step dir or a checkpoints dir; refuses anything unmarked.
-    `reads` (None: every file) must also match the checksums the marker recorded: an altered step-N/
-    named explicitly is refused; in a checkpoints dir it is skipped with a warning for the previous one."""
+    """(committed step-N directory, N) for a step dir or a checkpoints dir; refuses anything unmarked or
+    incomplete. The files in `reads` (None: every file) must also match the checksums the marker
+    recorded: an altered step-N/ named explicitly is refused; in a checkpoints dir it is skipped with a
+    warning for the previous one."""
     from trainer.checkpoint_store import CheckpointStore
 
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} is not a directory (expected step-N/ or a checkpoints directory)")
     base = os.path.basename(path)
+    checksummed = True if reads is None else reads  # every file's size is checked either way
     if base.startswith("step-") and base[5:].isdigit():
         store, step = CheckpointStore(os.path.dirname(path)), int(base[5:])
-        verdict = store.verify(step)
-        if verdict.ok:
-            verdict = store.verify(step, deep=True, only=reads)
+        verdict = store.verify(step, deep=checksummed)
         if not verdict.ok:
             raise ValueError(f"checkpoint {path} cannot be exported: {verdict.reason}")
         return path, step
     store = CheckpointStore(path)
-    step = store.latest_committed(warn=True, deep=True, only=reads)
+    step = store.latest_committed(warn=True, deep=checksummed)
     if step is None:
         raise FileNotFoundError(f"{path} holds no committed step-N/ checkpoint")
     return store.step_path(step), step
