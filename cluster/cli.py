@@ -53,6 +53,11 @@ class AnyOrderParser(argparse.ArgumentParser):
             self._intermixing = False
 
 
+class TrainingFailed(RuntimeError):
+    """A run stopped for a reason its message explains, with what to do (e.g. training diverged after
+    its allowed rollbacks): `dip` prints the message as one line and exits 1."""
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "a YAML file (see configs/)") -> None:
     """CONFIG.yaml [key=value ...]: the positionals of every command that loads a training config."""
     parser.add_argument("config", help=config_help)
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, not a traceback.
         print(f"dip {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as err:
+        print(f"dip {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"dip {args.command}: interrupted", file=sys.stderr)
         return 130

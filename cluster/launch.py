@@ -64,7 +64,9 @@ def plan_resume(cfg: TrainConfig, store: CheckpointStore) -> ResumePlan:
     the workers re-partition the ZeRO state and the data (trainer.checkpoint)."""
     from trainer.checkpoint import load_train_state
 
-    latest = store.latest_committed(warn=True)
+    # every file's checksum, as the workers will check it before loading (an altered newest checkpoint
+    # is named in a warning here and the previous one planned, as they will do)
+    latest = store.latest_committed(warn=True, deep=True)
     if latest is None:
         return ResumePlan()
     where = store.display(latest)
@@ -349,6 +351,10 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
         eval_hook = EvalHook(cfg, run.store, driver_log)
         result, stop_requested = fit_until_done(build_trainer(run, run_id), stopper, eval_hook)
         metrics = dict(result.return_value or {}) if result is not None else {}
+        if metrics.get("failed"):  # the workers stopped it (e.g. diverged): FAILED, with their reason
+            from cluster.cli import TrainingFailed
+
+            raise TrainingFailed(metrics["failed"])
         status = "STOPPED" if (metrics.get("stopped") or stop_requested) else "FINISHED"
     except KeyboardInterrupt:  # a second Ctrl-C: abort; only what takes no waiting is still done
         status = "ABORTED"

@@ -170,6 +170,9 @@ class _MdsBackend:
         _check_same(state, "shuffle", self.config.shuffle, "data.shuffle must match the saved run")
         keys = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed", "initial_physical_nodes")
         self.dataset.load_state_dict({k: state[k] for k in keys})
+        # A loader that has iterated already (a rollback re-positions it mid-run): streaming's own epoch
+        # counter has moved past the state's epoch, and it would take the state for a stale one.
+        self.dataset.next_epoch = int(state["epoch"])
         self.epoch, self.offset, self.yielded = int(state["epoch"]), int(state["sample_in_epoch"]), 0
 
     def close(self) -> None:

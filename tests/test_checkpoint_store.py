@@ -7,14 +7,15 @@ import time
 
 import pytest
 import torch
+import xxhash
 
 from trainer.checkpoint_store import MARKER, CheckpointStore, step_name
 
 
 def _write_rank_files(store, step, rank, attempt, payload=b"x" * 100):
     rel = f"{step_name(step)}/shard-{rank}.pt"
-    size = store.write_stream(rel, lambda f: f.write(payload))
-    store.report_done(step, rank, attempt, {f"shard-{rank}.pt": size})
+    record = store.write_stream(rel, lambda f: f.write(payload))
+    store.report_done(step, rank, attempt, {f"shard-{rank}.pt": record})
 
 
 def _commit(store, step, world=2, attempt="a1"):
@@ -31,7 +32,8 @@ def test_a_step_counts_only_after_the_marker(tmp_path):
     assert store.steps() == [10]
     assert store.latest_committed() is None and not store.verify(10).ok
     files = store.wait_for_ranks(10, 2, "a1", timeout_s=5)
-    assert files == {"shard-0.pt": 100, "shard-1.pt": 100}
+    checksum = xxhash.xxh3_64(b"x" * 100).hexdigest()  # computed while writing: nothing was read back
+    assert files == {f"shard-{r}.pt": {"size": 100, "checksum": checksum, "algorithm": "xxh3_64"} for r in (0, 1)}
     store.commit(10, files, {"world_size": 2})
     assert store.verify(10).ok and store.latest_committed() == 10
     marker = json.loads((tmp_path / "ckpt" / "step-10" / MARKER).read_text())
@@ -62,6 +64,40 @@ def test_a_missing_file_or_garbled_marker_is_not_loadable(tmp_path):
     (tmp_path / "ckpt" / "step-1" / MARKER).write_text("{not json")
     assert "unreadable" in store.verify(1).reason
     assert store.latest_committed(warn=False) is None
+
+
+def _flip_a_byte(path, offset: int | None = None) -> None:
+    """Alter a file in place, its size unchanged (bit rot, a bad copy, a stray write)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2 if offset is None else offset)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_file_altered_in_place_fails_its_checksum_and_the_previous_checkpoint_is_used(tmp_path, caplog):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    _commit(store, 5)
+    _commit(store, 10)
+    _flip_a_byte(tmp_path / "ckpt" / "step-10" / "shard-1.pt")
+    assert store.verify(10).ok  # sizes only: a listing cannot see it
+    assert store.verify(10, deep=["shard-0.pt"]).ok and store.verify(10, only=["shard-0.pt"], deep=True).ok
+    reason = store.verify(10, deep=True).reason
+    assert reason.startswith("shard-1.pt was altered in place: its xxh3_64 checksum is ")
+    with caplog.at_level(logging.WARNING, logger="dip.checkpoint"):
+        assert store.latest_committed(deep=True) == 5
+    assert "skipping checkpoint" in caplog.text and "step-10: shard-1.pt was altered in place" in caplog.text
+    assert "not listed" in store.verify(10, only=["ema.pt"]).reason
+
+
+def test_a_marker_written_before_checksums_is_still_valid_by_size(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    size = store.write_stream("step-3/shard-0.pt", lambda f: f.write(b"y" * 64))["size"]
+    store.commit(3, {"shard-0.pt": size}, {"world_size": 1})  # the old format: {file: size}
+    assert store.verify(3, deep=True).ok and store.latest_committed(deep=True) == 3
+    with open(tmp_path / "ckpt" / "step-3" / "shard-0.pt", "ab") as f:
+        f.write(b"!")
+    assert "truncated or altered (65 bytes, marker says 64)" in store.verify(3, deep=True).reason
 
 
 def test_commit_waits_for_every_rank_of_this_attempt_only(tmp_path):
@@ -118,8 +154,9 @@ def test_discard_after_removes_leftovers_newer_than_the_resume_point(tmp_path):
 def test_torch_files_round_trip_with_weights_only(tmp_path):
     store = CheckpointStore(str(tmp_path / "ckpt"))
     state = {"w": torch.randn(3, 4), "step": 7}
-    size = store.write_stream("step-7/state.pt", lambda f: torch.save(state, f))
-    assert size == os.path.getsize(tmp_path / "ckpt" / "step-7" / "state.pt")
+    record = store.write_stream("step-7/state.pt", lambda f: torch.save(state, f))
+    written = (tmp_path / "ckpt" / "step-7" / "state.pt").read_bytes()
+    assert record["size"] == len(written) and record["checksum"] == xxhash.xxh3_64(written).hexdigest()
     loaded = torch.load(store.open_file(7, "state.pt"), weights_only=True)
     assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 7
 

@@ -66,6 +66,8 @@ def test_unknown_section_is_named_with_the_valid_sections():
     ({"optim": {"lr": "fast"}}, "optim.lr='fast' is not valid: expected a number"),
     ({"optim": {"lr": -1.0}}, "optim.lr=-1.0 is not valid"),
     ({"train": {"max_steps": 2.5}}, "train.max_steps=2.5 is not valid: expected an integer"),
+    ({"train": {"nonfinite_patience": 0}}, "train.nonfinite_patience=0 is not valid: expected an integer >= 1"),
+    ({"train": {"max_rollbacks": -1}}, "train.max_rollbacks=-1 is not valid: expected an integer >= 0"),
     ({"checkpoint": {"async_save": "yes"}}, "checkpoint.async_save='yes' is not valid: expected true or false"),
     ({"optim": {"betas": [0.9]}}, "optim.betas=[0.9] is not valid: expected a list of 2 numbers"),
     ({"model": {"name": "DiP-XXL/16"}}, "model.name='DiP-XXL/16' is not valid"),

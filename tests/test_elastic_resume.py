@@ -57,7 +57,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
         if restored is not None and rank == 0 else []
     losses = {}
     while run.progress.step < until:
-        loss, _ = run.train_step()
+        loss, _, _ = run.train_step()
         run.progress.step += 1
         run.progress.samples_seen += cfg.global_batch
         total = loss.detach().clone()

@@ -52,6 +52,17 @@ def tf1_resize_bilinear_reference(image: np.ndarray, out_h: int, out_w: int) -> 
     return top + (bottom - top) * dy
 
 
+def commit_step_dir(step_dir: Path) -> None:
+    """Commit a hand-made step-N/ as the trainer does: a COMMITTED marker listing each file's size and
+    checksum (trainer.checkpoint_store)."""
+    from trainer.checkpoint_store import CheckpointStore
+
+    store = CheckpointStore(str(step_dir.parent))
+    files = {f.name: store.write_stream(f"{step_dir.name}/{f.name}", lambda out, data=f.read_bytes(): out.write(data))
+             for f in sorted(step_dir.iterdir())}
+    store.commit(int(step_dir.name.split("-")[1]), files, {})
+
+
 def save_tiny_checkpoint(directory: Path, num_classes: int = 10, seed: int = 0, trained_at: int | None = None) -> Path:
     """A committed-checkpoint-style `step-N/ema.pt` of an untrained DiP-T/16; with trained_at, also the
     train_state.pt config of a run at that resolution (what `dip sample` / `dip eval run` default to)."""

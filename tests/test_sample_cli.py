@@ -10,7 +10,7 @@ from PIL import Image
 from cluster.cli import main
 from models import DiP, export_official_state_dict
 from models.registry import dip_config
-from tests.test_eval_support import save_tiny_checkpoint
+from tests.test_eval_support import commit_step_dir, save_tiny_checkpoint
 from trainer.model_io import infer_config, load_sampling_model
 
 
@@ -59,8 +59,6 @@ def test_sample_cli_reports_bad_input_in_one_line(tmp_path):
 
 
 def test_checkpoint_root_resolves_to_the_newest_committed_step(tmp_path):
-    from trainer.checkpoint_store import MARKER
-
     torch.manual_seed(0)
     model = DiP(dip_config("DiP-T/16", num_classes=4))
     for step, committed in ((100, True), (200, True), (300, False)):  # step-300: an interrupted write
@@ -69,7 +67,7 @@ def test_checkpoint_root_resolves_to_the_newest_committed_step(tmp_path):
         torch.save({"model_config": dataclasses.asdict(model.config),
                     "state_dict": {k: v + step for k, v in model.state_dict().items()}}, step_dir / "ema.pt")
         if committed:
-            (step_dir / MARKER).write_text("ok")
+            commit_step_dir(step_dir)
     loaded = load_sampling_model(str(tmp_path))
     key = "s_embedder.proj.bias"
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key] + 200)
@@ -78,10 +76,7 @@ def test_checkpoint_root_resolves_to_the_newest_committed_step(tmp_path):
 def test_sample_defaults_to_what_the_checkpoint_records_and_a_flag_wins(tmp_path, capsys):
     """A 32-px run was sampled at 256 px (16 patches): the resolution and the labels now come from the
     checkpoint; --resolution still wins, and one the model cannot take is refused before anything runs."""
-    from trainer.checkpoint_store import MARKER
-
-    step_dir = save_tiny_checkpoint(tmp_path / "checkpoints" / "step-5", num_classes=3, trained_at=32)
-    (step_dir / MARKER).write_text("{}")
+    commit_step_dir(save_tiny_checkpoint(tmp_path / "checkpoints" / "step-5", num_classes=3, trained_at=32))
     out = tmp_path / "grid.png"
     sample = lambda *flags: main(["sample", "--checkpoint", str(tmp_path / "checkpoints"), "--steps", "1",  # noqa: E731
                                   "--out", str(out), *flags])

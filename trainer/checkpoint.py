@@ -205,15 +205,19 @@ class TrainProgress:
     samples_seen: int = 0
     last_loss: float | None = None
     resizes: int = 0          # world-size changes so far (each one is logged, numbered, in MLflow)
+    nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (trainer.nonfinite)
+    rollbacks: int = 0        # returns to the last committed checkpoint after too many of them in a row
 
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "last_loss": self.last_loss,
-                "resizes": self.resizes}
+                "resizes": self.resizes, "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.last_loss = state.get("last_loss")
         self.resizes = int(state.get("resizes", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.rollbacks = int(state.get("rollbacks", 0))
 
 
 @dataclass
@@ -267,18 +271,41 @@ class CheckpointManager:
     #                                         restore
     # ------------------------------------------------------------------------------------------
     def resume(self, enabled: bool = True) -> Resumed | None:
-        """Agree on the newest committed checkpoint (rank 0 looks, clears leftovers newer than it and
-        names this attempt) and restore every component from it. None: a fresh start."""
-        payload: list = [None, None]
+        """Agree on the newest loadable checkpoint, clear leftovers newer than it (rank 0), name this
+        attempt, and restore every component from it. None: a fresh start."""
+        latest = self.newest_loadable() if enabled else None
+        payload: list = [None]
         if self.rank == 0:
-            latest = self.store.latest_committed(warn=True) if enabled else None
             self.store.discard_after(latest)
-            payload = [latest, uuid.uuid4().hex]
+            payload = [uuid.uuid4().hex]
         dist.broadcast_object_list(payload, src=0)
-        latest, self.attempt = payload
+        self.attempt = payload[0]
         return None if latest is None else self.restore(latest)
 
-    def restore(self, step: int) -> Resumed:
+    def newest_loadable(self) -> int | None:
+        """The newest committed checkpoint whose every file matches the checksum its marker recorded
+        (collective). Each rank reads a share of the files, so the checkpoint is read once in all; a
+        failed file on any rank skips the step on every rank, with a warning naming the file."""
+        candidates: list = [None]
+        if self.rank == 0:
+            candidates = [list(reversed(self.store.committed_steps(warn=True)))]
+        dist.broadcast_object_list(candidates, src=0)
+        for step in candidates[0]:
+            mine = self.store.marker_files(step)[self.rank::self.world_size]
+            verdict = self.store.verify(step, deep=mine)
+            reasons: list = [None] * self.world_size
+            dist.all_gather_object(reasons, verdict.reason)
+            bad = [reason for reason in reasons if reason]
+            if not bad:
+                return step
+            if self.rank == 0:
+                log.warning("skipping checkpoint %s: %s; using the previous committed one", self.store.display(step),
+                            "; ".join(bad))
+        return None
+
+    def restore(self, step: int, data_state: dict | None = None) -> Resumed:
+        """Every component from step-N (collective). data_state: the data loader's position to take
+        instead of the checkpoint's (a rollback keeps the data where it is, skipping what caused it)."""
         state = load_train_state(self.store, step)
         saved_world = int(state["world_size"])
         same_world = saved_world == self.world_size
@@ -299,7 +326,7 @@ class CheckpointManager:
         # epoch's rest from it. Process RNGs belong to ranks: carried over only when the ranks are the same.
         ranks = state["ranks"]
         mine = ranks[self.rank] if same_world else ranks[0]
-        self.loader.load_state_dict(mine["data"])
+        self.loader.load_state_dict(mine["data"] if data_state is None else data_state)
         if same_world:
             restore_rng(mine["rng"])
         # rank 0 reads ema.pt; under ZeRO-3 each rank keeps its partition at this world size (collective)
@@ -354,7 +381,7 @@ class CheckpointManager:
             self._error = err
 
     def _write(self, request: SaveRequest) -> None:
-        written: dict[str, int] = {}
+        written: dict[str, dict] = {}
         prefix = step_name(request.step)
         for index, (rel, obj) in enumerate(request.files):
             written[rel] = self.store.write_stream(f"{prefix}/{rel}", lambda f, o=obj: torch.save(o, f))

@@ -129,6 +129,11 @@ class TrainSection:
     grad_accum: int = 1                    # micro-batches per optimizer step
     log_every: int = 10                    # metrics + one status line every N steps
     stop_check_every: int = 10             # poll for a stop request / preemption notice every N steps
+    # a step whose loss (any micro-batch, any rank) or gradient norm is NaN/Inf is skipped on every rank
+    # (no weight, optimizer, LR or EMA update; counted: MLflow `nonfinite_steps`). This many in a row
+    # roll back to the last committed checkpoint and skip the data since it (trainer/nonfinite.py)
+    nonfinite_patience: int = 3
+    max_rollbacks: int = 2                 # rollbacks per run; one more stops the run (FAILED, checkpoint kept)
 
     def __post_init__(self):
         _positive_int("train.max_steps", self.max_steps)
@@ -139,6 +144,8 @@ class TrainSection:
         _positive_int("train.grad_accum", self.grad_accum)
         _positive_int("train.log_every", self.log_every)
         _positive_int("train.stop_check_every", self.stop_check_every)
+        _positive_int("train.nonfinite_patience", self.nonfinite_patience)
+        _positive_int("train.max_rollbacks", self.max_rollbacks, minimum=0)
 
 
 @dataclass

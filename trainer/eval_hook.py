@@ -87,9 +87,12 @@ class EvalHook:
                 self._log_grid(result)
 
     def _pin(self, step: int) -> str | None:
-        """A private link to step-N's ema.pt that pruning cannot take away; None if it is gone already."""
+        """A private link to step-N's ema.pt that pruning cannot take away; None if it is gone already.
+        The link's directory gets a COMMITTED marker with ema.pt's size and checksum from step-N's, so the
+        eval actors check the file against it before loading (trainer.model_io.verify_committed)."""
         target = os.path.join(self.inputs_dir, os.path.basename(self.store.step_path(step)))
         source = self.store.step_path(step, EMA_FILE)
+        record = ((self.store.read_marker(step) or {}).get("files") or {}).get(EMA_FILE)
         os.makedirs(target, exist_ok=True)
         try:
             try:
@@ -103,6 +106,8 @@ class EvalHook:
                      self.store.display(step))
             shutil.rmtree(target, ignore_errors=True)
             return None
+        if record is not None:
+            CheckpointStore(self.inputs_dir).commit(step, {EMA_FILE: record}, {"pinned_from": self.store.display(step)})
         return target
 
     def _unpin_unused(self) -> None:

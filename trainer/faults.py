@@ -10,6 +10,8 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_KILL_IN_CHECKPOINT=S:R   rank R kills itself while writing checkpoint step-S
                                      (after its first file, before it reports its files done)
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
+  DIP_FAULT_NAN_AT=STEPS:RANKS   a poisoned batch: the pixels of optimizer steps STEPS (e.g. 6,10-12) on ranks
+                                 RANKS (e.g. 1, 0,1 or *) are NaN, every time those steps run (not once)
   DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
                                  each micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
   DIP_FAULT_EVAL_SLEEP_S=X       an eval actor sleeps X s before each chunk (an eval slower than any wait)
@@ -22,7 +24,7 @@ import signal
 import time
 
 ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S",
-            "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S")
+            "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S", "DIP_FAULT_NAN_AT")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -75,6 +77,26 @@ def in_checkpoint_write(step: int, rank: int) -> None:
     target = _target("DIP_FAULT_KILL_IN_CHECKPOINT")
     if target == (step, rank) and _fire_once(f"kill-in-checkpoint-{step}-{rank}"):
         _die()
+
+
+def _numbers(text: str) -> set[int]:
+    """'6,10-12' -> {6, 10, 11, 12}."""
+    found: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        found.update(range(int(lo), int(hi or lo) + 1))
+    return found
+
+
+def poison_pixels(step: int, rank: int, pixels):
+    """The micro-batch of optimizer step `step` on `rank`, as NaN when DIP_FAULT_NAN_AT names them."""
+    spec = os.environ.get("DIP_FAULT_NAN_AT")
+    if not spec:
+        return pixels
+    steps, ranks = spec.split(":")
+    if step in _numbers(steps) and (ranks == "*" or rank in _numbers(ranks)):
+        return pixels * float("nan")
+    return pixels
 
 
 def record_samples(step: int, rank: int, world_size: int, attempt: str, keys: list[str]) -> None:

@@ -43,6 +43,10 @@ def load_referenced_ema(checkpoint_uri: str, step: int) -> nn.Module:
 
     store = CheckpointStore(checkpoint_uri)
     where = store.display(step)
+    if store.read_marker(step) is not None:  # gone (pruned): the read below says so
+        verdict = store.verify(step, deep=True, only=[EMA_FILE])
+        if not verdict.ok:
+            raise ValueError(f"this MLflow model references {where}/{EMA_FILE}, which cannot be used: {verdict.reason}")
     try:
         payload = torch.load(store.open_file(step, EMA_FILE), map_location="cpu", weights_only=True)
     except FileNotFoundError:

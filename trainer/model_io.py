@@ -6,7 +6,8 @@
   committed checkpoint keeps as ema.pt);
 - one of our committed checkpoint directories (step-N/, or a run's checkpoint root: the newest
   committed step is used).
-Everything is read with torch.load(weights_only=True).
+Everything is read with torch.load(weights_only=True); a file of a committed step-N/ only after it
+matched the checksum its COMMITTED marker recorded (an altered file is refused with the reason).
 
 `checkpoint_facts` says, without building the model, what a checkpoint records about the run that
 trained it (the model config, the training resolution): `dip sample` and `dip eval run` default to it.
@@ -46,30 +47,45 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiPConfig:
                      num_classes=num_classes, in_channels=in_channels, head=head, mlp_ratio=mlp_ratio)
 
 
-def committed_steps(root: str, marker: str) -> list[str]:
-    """step-N/ directories under root that hold `marker`, oldest first."""
-    found = []
-    for name in os.listdir(root):
-        match = _STEP_DIR.match(name)
-        if match and os.path.isfile(os.path.join(root, name, marker)):
-            found.append((int(match.group(1)), os.path.join(root, name)))
-    return [path for _, path in sorted(found)]
+def committed_step(step_dir: str):
+    """(CheckpointStore of its parent, N) when step_dir is a step-N/ with a COMMITTED marker, else None."""
+    from trainer.checkpoint_store import MARKER, CheckpointStore  # the trainer decides what "committed" means
+
+    match = _STEP_DIR.match(os.path.basename(os.path.normpath(step_dir)))
+    if not match or not os.path.isfile(os.path.join(step_dir, MARKER)):
+        return None
+    return CheckpointStore(os.path.dirname(os.path.abspath(step_dir))), int(match.group(1))
+
+
+def verify_committed(step_dir: str, names: list[str]) -> None:
+    """Refuse (ValueError) to read any of `names` from a committed step-N/ when it no longer has the size
+    and checksum its COMMITTED marker recorded: an altered file is never loaded. Files outside a
+    committed step-N/ (a `dip export` output, the authors' file) carry no record to check."""
+    found = committed_step(step_dir)
+    if found is None:
+        return
+    store, step = found
+    verdict = store.verify(step, deep=True, only=names)
+    if not verdict.ok:
+        raise ValueError(f"checkpoint {os.path.abspath(step_dir)} cannot be used: {verdict.reason}")
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """A file to read: the file itself, DIR/ema.pt, or the newest committed step's ema.pt."""
+    """A file to read: the file itself, DIR/ema.pt, or the newest committed step's ema.pt (a step whose
+    ema.pt fails its checksum is skipped with a warning naming it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     if os.path.isfile(path):
         return path
     if os.path.isfile(os.path.join(path, EMA_FILE)):
         return os.path.join(path, EMA_FILE)
-    from trainer.checkpoint_store import MARKER  # the trainer decides what "committed" means
+    from trainer.checkpoint_store import CheckpointStore
 
-    steps = committed_steps(path, MARKER)
-    if not steps:
+    store = CheckpointStore(path)
+    step = store.latest_committed(warn=True, deep=True, only=[EMA_FILE])
+    if step is None:
         raise FileNotFoundError(f"{path!r} holds no committed step-N/ checkpoint with {EMA_FILE}")
-    return os.path.join(steps[-1], EMA_FILE)
+    return os.path.join(store.step_path(step), EMA_FILE)
 
 
 def _read_checkpoint(file: str, mmap: bool = False) -> dict:
@@ -105,6 +121,7 @@ def trained_with(step_dir: str) -> dict:
     path = os.path.join(step_dir, TRAIN_STATE)
     if not os.path.isfile(path):
         return {}
+    verify_committed(step_dir, [TRAIN_STATE])
     data = (_read_checkpoint(path, mmap=True).get("config") or {}).get("data") or {}
     return {"resolution": int(data["resolution"])} if data.get("resolution") else {}
 
@@ -134,6 +151,10 @@ class CheckpointFacts:
     config: DiPConfig
     resolution: int | None
 
+    def load_model(self, device: str | torch.device = "cpu") -> DiP:
+        """The EMA network of `file` (verified when the facts were read), in eval mode."""
+        return model_from_checkpoint(_read_checkpoint(self.file)).to(device)
+
     def image_side(self, requested: int | None, flag: str) -> tuple[int, str]:
         return sampling_side(self.config, requested, self.resolution, flag)
 
@@ -151,6 +172,7 @@ class CheckpointFacts:
 def checkpoint_facts(path: str) -> CheckpointFacts:
     """CheckpointFacts of any supported checkpoint, read without loading its weights."""
     file = resolve_checkpoint_path(path)
+    verify_committed(os.path.dirname(file), [os.path.basename(file)])
     checkpoint = _read_checkpoint(file, mmap=True)
     config = _model_config(checkpoint)
     recorded = checkpoint.get(TRAINED_WITH)
@@ -160,8 +182,11 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
 
 
 def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
-    """The EMA network in eval mode, from any supported checkpoint format."""
-    return model_from_checkpoint(_read_checkpoint(resolve_checkpoint_path(path))).to(device)
+    """The EMA network in eval mode, from any supported checkpoint format (a committed checkpoint's
+    file only when it matches its recorded checksum)."""
+    file = resolve_checkpoint_path(path)
+    verify_committed(os.path.dirname(file), [os.path.basename(file)])
+    return model_from_checkpoint(_read_checkpoint(file)).to(device)
 
 
 def model_from_checkpoint(checkpoint: dict) -> DiP:

@@ -84,7 +84,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from models.registry import create_model
-    from trainer.model_io import checkpoint_facts, load_sampling_model, sampling_side
+    from trainer.model_io import checkpoint_facts, sampling_side
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -96,7 +96,7 @@ def run(args) -> int:
             raise ValueError(f"--num-classes {args.num_classes}: the checkpoint's model has "
                              f"{facts.config.num_classes} classes (--num-classes is for --init-model)")
         side, side_from = facts.image_side(args.resolution, "--resolution")
-        model = load_sampling_model(facts.file, device)
+        model = facts.load_model(device)  # the file checkpoint_facts resolved and verified
     else:
         torch.manual_seed(args.seed)
         num_classes = 10 if args.num_classes is None else args.num_classes

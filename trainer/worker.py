@@ -6,11 +6,13 @@ rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to ML
 background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global
 batch for this world size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager:
 the newest committed checkpoint, written at this world size or another) -> loop (step, log, save,
-grid) -> close.
+grid) -> close. A step with a NaN/Inf loss or gradient norm is skipped on every rank; too many in
+a row roll the run back to its last committed checkpoint (trainer.nonfinite, `roll_back`).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -25,6 +27,7 @@ from trainer.checkpoint import CheckpointManager, Resumed, RunIdentity, TrainPro
 from trainer.checkpoint_store import CheckpointStore, step_name
 from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
 from trainer.mfu import device_name
+from trainer.nonfinite import NonFiniteStreak, StepGuard, nonfinite_loss_scale
 from trainer.rng import keyed_draws, seed_everything
 from trainer.step_metrics import IntervalMeter, compute_text, flops_per_image, peak_memory_mb
 from trainer.tracking import start_system_metrics
@@ -80,6 +83,10 @@ class TrainingRun:
         self.progress = TrainProgress()
         self.last_grid: str | None = None
         self.stop_reason = ""
+        self.failure = ""          # why the workers stopped the run (it ends FAILED); "" while all is well
+        self.save_due = False      # a periodic checkpoint waits for a finite step (see run)
+        self.rollbacks = 0         # since this process started: train.max_rollbacks bounds these (a re-run
+                                   # after a divergence gets its own); progress.rollbacks is the run's total
         self.in_ray = _in_ray_train()
 
     # ------------------------------------------------------------------------------------------
@@ -159,26 +166,33 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------
     #                                         the loop
     # ------------------------------------------------------------------------------------------
-    def train_step(self) -> tuple[torch.Tensor, float]:
-        """One optimizer step over this rank's micro-batches. Returns (mean loss, data-wait seconds)."""
+    def train_step(self) -> tuple[torch.Tensor, float, bool]:
+        """One optimizer step over this rank's micro-batches. Returns (mean loss, data-wait seconds,
+        applied); applied is False, on every rank alike, when a loss or the gradient norm was not finite:
+        then nothing was updated, EMA included (trainer.nonfinite)."""
         data_wait = 0.0
         losses = []
-        for _ in range(self.split.grad_accum):
+        guard = StepGuard(self.engine)
+        for micro in range(self.split.grad_accum):
             t0 = time.perf_counter()
             pixels, labels, keys = next(self.loader)
             data_wait += time.perf_counter() - t0
             pixels = pixels.to(self.device, non_blocking=True)  # uint8 (B, 3, N, N): a quarter of the bytes
             pixels = to_pm1(pixels).to(self.input_dtype)  # [-1, 1], scaled on the device
+            pixels = faults.poison_pixels(self.progress.step + 1, self.rank, pixels)
             labels = labels.to(self.device, non_blocking=True)                           # (B,)
             faults.record_samples(self.progress.step, self.rank, self.world_size, self.checkpoints.attempt, keys)
             # t, noise and label dropout keyed to (seed, step, sample): the same for any split of the batch
             draws = keyed_draws(self.cfg.train.seed, self.progress.step, keys, tuple(pixels.shape[1:]), self.device)
             loss, _parts = self.engine(pixels, labels, draws)
+            losses.append(loss.detach().float())
+            if micro == self.split.grad_accum - 1:  # NaN gradients everywhere if any rank's loss was not finite
+                loss = loss * nonfinite_loss_scale(losses).to(loss.dtype)
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach().float())
-        self._update_ema()
-        return torch.stack(losses).mean(), data_wait
+        if guard.applied:
+            self._update_ema()
+        return torch.stack(losses).mean(), data_wait, guard.applied
 
     def _update_ema(self) -> None:
         self.ema.update(self.engine.module.denoiser)  # local on every rank, at every ZeRO stage
@@ -207,11 +221,56 @@ class TrainingRun:
         return int(agreed.item())
 
     def save_checkpoint(self) -> float:
+        self.save_due = False
         blocked = self.checkpoints.save()
         if self.tracker is not None:
             self.tracker.log_metrics({"checkpoint_blocking_s": blocked}, self.progress.step)
             self.tracker.flush(self.cfg.tracking.flush_timeout_s)
         return blocked
+
+    def note_nonfinite(self, streak: NonFiniteStreak, loss: torch.Tensor) -> None:
+        """A skipped step: counted (MLflow `nonfinite_steps`) and named in a warning."""
+        self.progress.nonfinite_steps += 1
+        if not self.is_main:
+            return
+        step = self.progress.step
+        log.warning("step %d: non-finite loss or gradient norm (rank 0's loss %s): optimizer step skipped on every "
+                    "rank, no weight, optimizer or EMA update (%d in a row of train.nonfinite_patience=%d; %d in this "
+                    "run)", step, f"{loss.item():.4g}", streak.streak, streak.patience, self.progress.nonfinite_steps)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"nonfinite_steps": self.progress.nonfinite_steps}, step)
+
+    def roll_back(self, first_bad: int) -> None:
+        """train.nonfinite_patience skipped steps in a row (first_bad..now): restore the last committed
+        checkpoint (engine, EMA, RNG; collective) and skip the data of every step since it, keeping the
+        loader where it is now and the step count with it. After train.max_rollbacks rollbacks (since this
+        start) the run stops instead: self.failure says why; the last committed checkpoint stays the last
+        good one."""
+        cfg, progress = self.cfg, self.progress
+        step = progress.step
+        streak = f"{cfg.train.nonfinite_patience} non-finite steps in a row (steps {first_bad}..{step})"
+        self.checkpoints.wait()  # a write in flight (begun before the streak) commits first
+        target = self.checkpoints.newest_loadable()
+        if target is None or self.rollbacks >= cfg.train.max_rollbacks:
+            where = (f"the last good checkpoint is {self.store.display(target)}; re-running the same command "
+                     "resumes from it" if target is not None else "no checkpoint was committed before it")
+            self.failure = (f"training diverged: {streak} after {self.rollbacks} rollback(s) (train.max_rollbacks="
+                            f"{cfg.train.max_rollbacks}); {where}. Lower optim.lr, set optim.grad_clip, or look at the "
+                            f"data of those steps")
+            return
+        kept = {"step": step, "samples_seen": progress.samples_seen, "nonfinite_steps": progress.nonfinite_steps,
+                "rollbacks": progress.rollbacks + 1, "resizes": progress.resizes, "last_loss": progress.last_loss}
+        # the loader stays where it is: the data window target+1..step is not trained again
+        self.checkpoints.restore(target, data_state=self.loader.state_dict())
+        progress.load_state_dict(kept)
+        self.rollbacks += 1
+        event = (f"step {step}: {streak}: rolled back to {self.store.display(target)} and skipped the data of steps "
+                 f"{target + 1}..{step} ({(step - target) * cfg.global_batch} samples)")
+        if self.is_main:
+            log.warning("rollback %d of at most %d: %s", self.rollbacks, cfg.train.max_rollbacks, event)
+            if self.tracker is not None:
+                self.tracker.set_tags({f"rollback.{progress.rollbacks}": event})
+                self.tracker.log_metrics({"rollbacks": progress.rollbacks}, step)
 
     def _await_resize(self) -> None:
         """An elastic grow: the checkpoint is committed; Ray restarts the group with more workers as soon
@@ -229,27 +288,32 @@ class TrainingRun:
         log.warning("no restart came after the resize checkpoint at step %d: training on", self.progress.step)
 
     def log_interval(self, meter: IntervalMeter, loss_sum: torch.Tensor, loss_count: int, bar) -> None:
+        """loss_sum / loss_count: over the applied steps of the interval (a skipped step's loss is not finite)."""
         totals = torch.tensor([loss_sum.item(), float(loss_count), float(self.loader.corrupt_samples)],
                               dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)  # every rank logs the same figures: the mean loss over all ranks
         if not self.is_main:
             return
-        loss = totals[0].item() / max(totals[1].item(), 1)
-        self.progress.last_loss = loss
+        loss = totals[0].item() / totals[1].item() if totals[1].item() else None  # None: every step skipped
+        if loss is not None:
+            self.progress.last_loss = loss
         step = self.progress.step
         figures = meter.figures(self.cfg.global_batch, self.flops_per_image, self.device_name, self.world_size)
-        metrics = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": self._grad_norm(),
+        grad_norm = self._grad_norm()
+        metrics = {"loss": loss, "lr": self.engine.get_lr()[0],
+                   "grad_norm": grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None,
                    "peak_memory_mb": peak_memory_mb(self.device), "corrupt_samples": totals[2].item(),
                    "samples_seen": self.progress.samples_seen, "epoch": self.loader.epoch,
                    "world_size": self.world_size, "grad_accum": self.split.grad_accum, **figures}
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
         remaining = (self.cfg.train.max_steps - step) * figures["step_time_s"]
-        log.info("step %d/%d | loss %.4f | lr %.2e | %.1f img/s | %s | data wait %.0f%% | eta %s", step,
-                 self.cfg.train.max_steps, loss, metrics["lr"], figures["images_per_s"], compute_text(figures),
+        loss_text = "skipped" if loss is None else f"{loss:.4f}"
+        log.info("step %d/%d | loss %s | lr %.2e | %.1f img/s | %s | data wait %.0f%% | eta %s", step,
+                 self.cfg.train.max_steps, loss_text, metrics["lr"], figures["images_per_s"], compute_text(figures),
                  100 * figures["data_wait_share"], _fmt_duration(remaining))
         if bar is not None:
-            bar.set_description(f"loss {loss:.4f} | {figures['images_per_s']:.1f} img/s")
+            bar.set_description(f"loss {loss_text} | {figures['images_per_s']:.1f} img/s")
 
     def make_grid(self, name: str) -> str | None:
         """Collective (ZeRO-3 gathers the EMA for it): every rank calls it; rank 0 draws and saves."""
@@ -273,12 +337,23 @@ class TrainingRun:
         meter = IntervalMeter()
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         preempt_saved = False
+        streak = NonFiniteStreak(cfg.train.nonfinite_patience)
         while progress.step < cfg.train.max_steps:
-            loss, data_wait = self.train_step()
+            loss, data_wait, applied = self.train_step()
             progress.step += 1
             progress.samples_seen += cfg.global_batch
-            loss_sum += loss
-            loss_count += 1
+            if applied:
+                streak.reset()
+                loss_sum += loss
+                loss_count += 1
+            else:
+                roll_back = streak.skipped(progress.step)
+                self.note_nonfinite(streak, loss)
+                if roll_back:
+                    self.roll_back(streak.first_step)
+                    streak.reset()
+                    if self.failure:
+                        break
             meter.add(data_wait)
             if bar is not None:
                 bar.update(1)
@@ -292,8 +367,13 @@ class TrainingRun:
                 log.warning("preemption notice: writing a checkpoint at step %d", progress.step)
                 self.save_checkpoint()
                 preempt_saved = True
-            elif progress.step % cfg.checkpoint.every_steps == 0 or stop in (STOP_REQUESTED, STOP_RESIZE):
+            elif stop in (STOP_REQUESTED, STOP_RESIZE):
                 self.save_checkpoint()
+            elif progress.step % cfg.checkpoint.every_steps == 0 or self.save_due:
+                # never while non-finite steps are running: a rollback must find the state before them
+                self.save_due = bool(streak.streak)
+                if not self.save_due:
+                    self.save_checkpoint()
             if cfg.samples.every_steps and progress.step % cfg.samples.every_steps == 0:
                 self.make_grid(f"{step_name(progress.step)}.png")
             if stop == STOP_REQUESTED:
@@ -301,7 +381,7 @@ class TrainingRun:
                 break
             if stop == STOP_RESIZE and progress.step < cfg.train.max_steps:
                 self._await_resize()
-        if self.checkpoints.last_saved_step != progress.step:
+        if self.checkpoints.last_saved_step != progress.step and not self.failure:
             self.save_checkpoint()
         self.checkpoints.close()
         dist.barrier()  # rank 0 has committed the last checkpoint before anyone reports done
@@ -311,11 +391,12 @@ class TrainingRun:
 
     def finish(self) -> dict:
         progress = self.progress
-        if not self.stop_reason:
+        if not self.stop_reason and not self.failure:
             self.make_grid("final.png")
         summary = {"step": progress.step, "samples_seen": progress.samples_seen, "stopped": bool(self.stop_reason),
                    "num_params": self.num_params, "last_loss": progress.last_loss, "world_size": self.world_size,
-                   "resizes": progress.resizes,
+                   "resizes": progress.resizes, "nonfinite_steps": progress.nonfinite_steps,
+                   "rollbacks": progress.rollbacks, "failed": self.failure,
                    "last_checkpoint": self.store.display(self.checkpoints.last_committed
                                                          or self.checkpoints.last_saved_step)}
         if self.is_main:

@@ -1,0 +1,155 @@
+"""Non-finite training steps (trainer/nonfinite.py), with a poisoned batch (DIP_FAULT_NAN_AT) on 2 ranks.
+
+* At the loop's level (the real TrainingRun and DeepSpeed on gloo, no Ray): a step whose batch is NaN
+  on rank 1 only is skipped on both ranks, and changes nothing, on either: module weights, the fp32
+  master weights, Adam's moments and step count, the LR, the EMA. The next clean step updates again.
+* A real run (Ray, MLflow): two poisoned steps in a row roll back to the last committed checkpoint
+  and skip the data since it; poisoned again after a second window, the run stops FAILED with a clear
+  error and its last committed checkpoint intact.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.data_helpers import run_ranks
+from tests.test_trainer_support import TINY, metric_history, ray_cluster, tiny_config  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _local_state(run) -> dict:
+    """Every tensor a step may change on this rank: the module's weights, the optimizer's own (fp32
+    master) parameters and their Adam state, the LR, and the EMA this rank keeps."""
+    import torch
+
+    engine = run.engine
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):  # DeepSpeed's wrappers hold the torch AdamW
+        optimizer = optimizer.optimizer
+    # ZeRO-3: this rank's partition (ds_tensor); what `param` shows is a gather that comes and goes
+    out = {f"module.{name}": getattr(p, "ds_tensor", p).detach().float().clone()
+           for name, p in engine.module.named_parameters()}
+    # keyed by the parameters AdamW steps: this rank's flat fp32 partitions under ZeRO (ZeRO-3 hands them
+    # to AdamW only during its step), the module's own parameters under ZeRO-0
+    for i, (param, state) in enumerate(optimizer.state.items()):
+        out[f"master.{i}"] = param.detach().clone()
+        out.update({f"adam.{i}.{key}": torch.as_tensor(value).detach().clone() for key, value in state.items()})
+    out["lr"] = torch.tensor(engine.get_lr())
+    ema = run.ema  # trainer.training_ema: ZeRO-3 shards on every rank, else the whole EMA on rank 0
+    weights = ema.shards if hasattr(ema, "shards") else ema.ema.module.state_dict() if ema.ema is not None else {}
+    out.update({f"ema.{name}": t.detach().clone() for name, t in weights.items()})
+    out["ema.num_updates"] = torch.tensor(ema.num_updates)
+    return out
+
+
+def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_dir: str) -> list[dict]:
+    """For each config: steps 1-3 of the real loop, where step 2's batch is NaN on rank 1 only
+    (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs (each fork costs the imports again)."""
+    import torch
+
+    # one thread: this process is forked from pytest's, whose OpenMP pool (from any earlier test's torch
+    # work) does not survive a fork; a parallel region here would wait on its threads forever
+    torch.set_num_threads(1)
+
+    from trainer.config import config_from_dict
+    from trainer.worker import TrainingRun, WorkerContext
+
+    def changed(a: dict, b: dict) -> list[str]:
+        return sorted(k for k in a if not torch.equal(a[k], b[k]))  # NaN != NaN: a NaN anywhere counts
+
+    results = []
+    for index, cfg_dict in enumerate(configs):
+        checkpoints = os.path.join(store_dir, str(index))
+        run = TrainingRun(config_from_dict(cfg_dict), WorkerContext(checkpoints, store_dir, "", ""), rank, world)
+        run.setup()
+        applied, states = [], []
+        for _ in range(3):
+            _, _, ok = run.train_step()
+            run.progress.step += 1
+            applied.append(ok)
+            states.append(_local_state(run))
+        run.checkpoints.close()
+        run.loader.close()
+        results.append({"applied": applied, "changed_by_skipped": changed(states[0], states[1]),
+                        "changed_by_next": changed(states[1], states[2]), "skipped_steps": run.engine.skipped_steps})
+    return results
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    from data import prepare_dataset
+    from trainer.config import config_from_dict
+
+    return prepare_dataset(config_from_dict(TINY).data, str(tmp_path_factory.mktemp("nonfinite-data"))).path
+
+
+def test_a_step_poisoned_on_one_rank_is_skipped_on_both_and_changes_nothing(shards, tmp_path, monkeypatch):
+    """ZeRO-2 fp32 and ZeRO-3 bf16: DeepSpeed's own overflow path; ZeRO-0 fp32: the guard's
+    (trainer.nonfinite.guard_plain_optimizer)."""
+    monkeypatch.setenv("DIP_FAULT_NAN_AT", "2:1")
+    setups = [(2, "fp32"), (0, "fp32"), (3, "bf16")]
+    configs = [{**TINY, "data": {**TINY["data"], "path": shards},
+                "train": {**TINY["train"], "zero_stage": stage, "precision": precision}} for stage, precision in setups]
+    ranks = run_ranks(_skip_one_poisoned_step, 2, configs, str(tmp_path), timeout_s=600)
+    for rank, results in enumerate(ranks):
+        for (stage, precision), got in zip(setups, results):
+            where = f"ZeRO-{stage} {precision}, rank {rank}"
+            assert got["applied"] == [True, False, True] and got["skipped_steps"] == 1, where
+            assert got["changed_by_skipped"] == [], f"{where}: the skipped step changed {got['changed_by_skipped']}"
+            # the clean step after it trains again: weights and Adam state move (so the check above can fail)
+            assert any(k.startswith("adam.") for k in got["changed_by_next"]), where
+            assert any(k.startswith("master.") for k in got["changed_by_next"]), where
+            assert "ema.num_updates" in got["changed_by_next"], where
+            if rank == 0 or stage == 3:  # the EMA's weights: rank 0's whole copy, or every rank's ZeRO-3 piece
+                assert any(k.startswith("ema.") and k != "ema.num_updates" for k in got["changed_by_next"]), where
+
+
+def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_the_run(tmp_path, monkeypatch,
+                                                                                     ray_cluster):  # noqa: F811
+    """K=2, one rollback allowed, checkpoints every 4 steps; rank 1's batches are NaN at steps 6-7, then
+    from step 10 on. Steps 6, 7 are skipped -> rollback 1 to step-4, the data of steps 5-7 skipped; step 8
+    is committed; steps 10, 11 are skipped -> a second rollback is one too many: FAILED, step-8 kept."""
+    from mlflow.tracking import MlflowClient
+
+    from cluster.cli import TrainingFailed
+    from cluster.launch import launch, run_paths
+    from trainer.checkpoint import load_train_state
+    from trainer.checkpoint_store import CheckpointStore
+    from trainer.faults import read_ledger
+
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    monkeypatch.setenv("DIP_FAULT_NAN_AT", "6-7,10-16:1")
+    monkeypatch.setenv("DIP_FAULT_SAMPLE_LEDGER", str(ledger))
+    cfg = tiny_config(tmp_path, "diverges", ["train.max_steps=16", "train.nonfinite_patience=2",
+                                             "train.max_rollbacks=1"])
+    with pytest.raises(TrainingFailed) as failed:
+        launch(cfg)
+    store = CheckpointStore(run_paths(cfg).checkpoint_uri)
+    assert str(failed.value) == (
+        "training diverged: 2 non-finite steps in a row (steps 10..11) after 1 rollback(s) (train.max_rollbacks=1); "
+        f"the last good checkpoint is {store.display(8)}; re-running the same command resumes from it. Lower "
+        "optim.lr, set optim.grad_clip, or look at the data of those steps")
+    assert store.steps() == [4, 8] and store.latest_committed(deep=True) == 8  # nothing written after the streak
+    state = load_train_state(store, 8)
+    assert (state["nonfinite_steps"], state["rollbacks"], state["samples_seen"]) == (2, 1, 8 * 4)
+
+    # every optimizer step ran once on each rank, and no sample was trained twice: the rollback to step 4
+    # did not replay the data of steps 5-7 (the ledger's step is the one before the optimizer step)
+    entries = read_ledger(str(ledger))
+    for rank in (0, 1):
+        assert sorted(e["step"] + 1 for e in entries if e["rank"] == rank) == list(range(1, 12))
+    keys = [key for e in entries for key in e["keys"]]
+    assert len(keys) == 11 * 4 and len(set(keys)) == len(keys)
+
+    run_id = state["mlflow_run_id"]
+    client = MlflowClient(run_paths(cfg).tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert metric_history(run_paths(cfg).tracking_uri, run_id, "nonfinite_steps") == {6: [1], 7: [2], 10: [3], 11: [4]}
+    assert metric_history(run_paths(cfg).tracking_uri, run_id, "rollbacks") == {7: [1]}
+    assert sorted(metric_history(run_paths(cfg).tracking_uri, run_id)) == [1, 2, 3, 4, 5, 8, 9]  # no NaN loss logged
+    assert run.data.tags["rollback.1"] == (f"step 7: 2 non-finite steps in a row (steps 6..7): rolled back to "
+                                           f"{store.display(4)} and skipped the data of steps 5..7 (12 samples)")
