@@ -95,7 +95,8 @@ def overrides(args, model: str, shards: str, ref: str, classes: int) -> list[str
             f"eval.every_steps={args.eval_every}", f"eval.num_samples={args.eval_samples}",
             f"eval.steps={args.eval_steps}", f"eval.ref_stats={ref}", f"samples.num_classes={classes}",
             f"samples.per_class={args.grid_per_class}",
-            "cluster.dashboard=false"]  # its processes would take CPU from the runs on a small machine
+            "cluster.dashboard=false",  # its processes would take CPU from the runs on a small machine
+            *args.set]
 
 
 class LoadSampler:
@@ -142,10 +143,13 @@ def train(args, model: str, shards: str, ref: str, classes: int) -> dict:
     filled = fill_missing_evals(cfg, paths, run_id, pool_steps)
     step_times = [v for _, v in history(run, "step_time_s")[1:]]  # the first interval holds start-up
     curve = history(run, "eval/fid")
+    final = {key: dict(history(run, f"eval/{key}")).get(args.steps) for key in ("fid", "precision", "recall")}
+    losses = history(run, "loss")
     return dict(model=model, parameters=parameter_count(model, classes), steps=args.steps, wall_s=round(wall, 1),
                 median_step_s=round(statistics.median(step_times), 4) if step_times else None,
                 load_avg=round(statistics.mean(load.samples), 2) if load.samples else None,
-                final_fid=curve[-1][1] if curve and curve[-1][0] == args.steps else None,
+                final_loss=round(losses[-1][1], 4) if losses else None, final_fid=final["fid"],
+                final_precision=final["precision"], final_recall=final["recall"],
                 fid=[dict(step=s, fid=round(v, 2), scored="pool" if s in pool_steps else "after") for s, v in curve],
                 filled_steps=filled, run_dir=cfg.run_dir, tracking_uri=paths.tracking_uri, mlflow_run_id=run_id,
                 sample_grid=os.path.join(cfg.run_dir, "samples", "final.png"), overrides=extra)
@@ -194,14 +198,15 @@ def parameter_count(model: str, classes: int) -> int:
 
 def table(runs: list[dict]) -> str:
     steps = sorted({p["step"] for r in runs for p in r["fid"]})
-    head = ["model", "parameters", "steps", "wall", "median step", "load avg", "final FID"] + [f"FID@{s}" for s in steps]
+    head = ["model", "parameters", "steps", "wall", "median step", "load avg", "final loss", "final FID"] + \
+        [f"FID@{s}" for s in steps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         at = {p["step"]: f"{p['fid']:.1f}" + ("*" if p["scored"] == "after" else "") for p in r["fid"]}
         final = f"{r['final_fid']:.1f}" if r["final_fid"] is not None else "n/a"
         step_s = f"{r['median_step_s'] * 1000:.0f} ms" if r["median_step_s"] else "n/a"
         cells = [r["model"], f"{r['parameters']:,}", str(r["steps"]), f"{r['wall_s'] / 60:.1f} min", step_s,
-                 str(r["load_avg"]), final] + [at.get(s, "-") for s in steps]
+                 str(r["load_avg"]), str(r["final_loss"]), final] + [at.get(s, "-") for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -249,6 +254,8 @@ def parse_args(argv=None):
     parser.add_argument("--ref-samples", type=int, default=1000, help="held-out test images in the FID reference")
     parser.add_argument("--train-images", type=int, default=0, help="0 = the whole training split")
     parser.add_argument("--test-images", type=int, default=0, help="0 = the whole test split")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="one more config override for both runs, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("--grid-per-class", type=int, default=6, help="final sample grid columns")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "ablation"), help="data and run directories")
     parser.add_argument("--out", default=None, help="results path without extension (.json, .png)")
