@@ -18,8 +18,11 @@ Head (ImageNet 256, 160 epochs): FID 5.28 against 2.16. Here, small and on a CPU
 
     apt-get install dataset-fashion-mnist            # once (Debian/Ubuntu): the default data
     nice -n 15 python benchmarks/ablation.py [--model DiP-T/16] [--resolution 32] [--steps 1500]
-        [--eval-every 300] [--eval-samples 250] [--ref-samples 1000] [--out benchmarks/results/NAME]
+        [--eval-every 300] [--eval-samples 250] [--ref-samples 1000] [--set KEY=VALUE] [--out PATH]
     python benchmarks/ablation.py --smoke            # a few steps on the shipped photos (the test)
+
+`make ablation` runs the defaults (niced). Data and runs go under --work (runs/ablation); a second call
+reuses the folders, shards and reference, and trains both models afresh.
 """
 from __future__ import annotations
 
@@ -206,7 +209,8 @@ def table(runs: list[dict]) -> str:
         final = f"{r['final_fid']:.1f}" if r["final_fid"] is not None else "n/a"
         step_s = f"{r['median_step_s'] * 1000:.0f} ms" if r["median_step_s"] else "n/a"
         cells = [r["model"], f"{r['parameters']:,}", str(r["steps"]), f"{r['wall_s'] / 60:.1f} min", step_s,
-                 str(r["load_avg"]), str(r["final_loss"]), final] + [at.get(s, "-") for s in steps]
+                 str(r["load_avg"]), f"{r['final_loss']:.3f}" if r["final_loss"] is not None else "n/a", final] + \
+            [at.get(s, "-") for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
