@@ -10,8 +10,8 @@ Head (ImageNet 256, 160 epochs): FID 5.28 against 2.16. Here, small and on a CPU
 3. `dip train` (Ray + DeepSpeed ZeRO-2, 2 workers, the quickstart recipe configs/quickstart_cpu.yaml with
    the data, model and eval keys overridden) once for MODEL and once for MODEL-linear, everything else
    equal, with FID evals on the eval pool every --eval-every steps against that reference;
-4. the pool drops an eval that is still waiting when the next checkpoint comes (it never holds up
-   training), so a fast run can miss points: each missing step is scored afterwards from its kept
+4. the eval hook and pool skip a checkpoint when a newer one is due before its eval starts (they never
+   hold up training), so a fast run can miss points: each missing step is scored afterwards from its kept
    checkpoint with the same sampling spec and logged to the same MLflow run (marked `*`);
 5. prints a table (parameters, steps, wall time, FID at each eval) and writes a JSON and a PNG: both
    FID curves and the two final sample grids side by side.
@@ -169,7 +169,7 @@ def mlflow_run_id(tracking_uri: str, experiment: str) -> str:
 
 
 def fill_missing_evals(cfg, paths, run_id: str, scored: set[int]) -> list[int]:
-    """Score each eval step the pool dropped from its kept checkpoint, with the pool's spec and FID
+    """Score each eval step that got no FID during training from its kept checkpoint, with the pool's spec and FID
     method, and log it to the run's MLflow at that step. Returns the steps filled."""
     from mlflow.tracking import MlflowClient
 
@@ -186,7 +186,8 @@ def fill_missing_evals(cfg, paths, run_id: str, scored: set[int]) -> list[int]:
     reference = ReferenceStats.load(cfg.eval.ref_stats).prepare("eigh")
     client = MlflowClient(tracking_uri=paths.tracking_uri)
     for step in missing:
-        print(f"{cfg.run_name}: the pool dropped the eval of step {step}; scoring its checkpoint now", flush=True)
+        print(f"{cfg.run_name}: step {step} got no eval during training (a newer checkpoint was due before it "
+              "started); scoring its checkpoint now", flush=True)
         result = evaluate_locally(store.step_path(step), sampling_spec(cfg), reference, step=step, fid_method="eigh")
         log_eval_result(result, run_id, client=client)
         print(f"  step {step}: FID {result.fid:.2f} ({result.seconds:.0f} s)", flush=True)
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
                   total_wall_s=round(time.monotonic() - began, 1), runs=runs, plot=out + ".png")
     with open(out + ".json", "w") as f:
         json.dump(report, f, indent=1)
-    print(f"\n{title}\n{table(runs)}\n(* = dropped by the eval pool during training, scored from the kept "
+    print(f"\n{title}\n{table(runs)}\n(* = skipped during training, scored from the kept "
           f"checkpoint afterwards; load avg = mean 1-min load average on {os.cpu_count()} CPUs during the run)")
     detailer, linear = runs
     if detailer["final_fid"] is not None and linear["final_fid"] is not None:
