@@ -1,6 +1,7 @@
 # dip-train: two commands do all set-up on a fresh machine.
 #   make quickstart   create .venv, install (pinned), run the main job end to end on the embedded default
 #   make test         install if needed, run the whole test suite (CPU)
+#   make ablation     DiP-T/16 vs its linear-head ablation on Fashion-MNIST (apt-get install dataset-fashion-mnist)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -12,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast bench ablation clean
 
 install: $(STAMP)
 
@@ -40,6 +41,11 @@ bench: install
 	$(BIN)/python benchmarks/data.py
 	$(BIN)/python benchmarks/trainer.py
 	$(BIN)/python benchmarks/eval.py
+
+# ~35 min on a busy 2-core CPU, plus ~20 min to build the data and FID reference on the first call; niced
+# so that interactive work on the machine keeps its cores (benchmarks/RESULTS.md, ## Ablation)
+ablation: install
+	nice -n 15 $(BIN)/python benchmarks/ablation.py
 
 clean:
 	rm -rf runs quickstart_out .pytest_cache

@@ -13,6 +13,16 @@ log = logging.getLogger("dip.eval")
 EVAL_IMAGE_KEY = "eval/samples"  # the MLflow image key of eval grids (as trainer.eval.tracking logs them)
 
 
+def sampling_spec(cfg: TrainConfig):
+    """What every eval of this run samples (eval.*, at the training resolution, seeded by train.seed).
+    Also used to score a kept checkpoint after the run exactly as the pool would have (benchmarks/ablation.py)."""
+    from trainer.eval.spec import SamplingSpec
+
+    return SamplingSpec(steps=cfg.eval.steps, method=cfg.eval.method, cfg_scale=cfg.eval.cfg_scale,
+                        cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
+                        image_size=cfg.data.resolution, seed=cfg.train.seed)
+
+
 class EvalHook:
     """Every eval.every_steps, the newest committed checkpoint goes to trainer.eval.pool.EvalPool.
 
@@ -44,7 +54,6 @@ class EvalHook:
                         store.display())
             return
         from trainer.eval.pool import EvalPool
-        from trainer.eval.spec import SamplingSpec
 
         resources = {"num_gpus": 1, "num_cpus": 1} if cfg.cluster.use_gpu else {"num_cpus": 1}
         shutil.rmtree(self.inputs_dir, ignore_errors=True)  # a killed driver's leftovers
@@ -61,9 +70,7 @@ class EvalHook:
         else:
             self.pool = EvalPool(cfg.eval.actors, resources, ref_stats_path=cfg.eval.ref_stats,
                                  start_timeout_s=cfg.eval.start_timeout_s)
-        self.spec = SamplingSpec(steps=cfg.eval.steps, method=cfg.eval.method, cfg_scale=cfg.eval.cfg_scale,
-                                 cfg_interval=tuple(cfg.eval.cfg_interval), num_samples=cfg.eval.num_samples,
-                                 image_size=cfg.data.resolution, seed=cfg.train.seed)
+        self.spec = sampling_spec(cfg)
 
     def poll(self, force: bool = False, submit: bool = True) -> None:
         if self.pool is None or (not force and time.monotonic() - self._last_poll < self.poll_every_s):
