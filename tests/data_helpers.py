@@ -65,10 +65,12 @@ def _rank_context():
     return context
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results, environ: dict) -> None:
     try:
         import torch.distributed as dist
 
+        os.environ.clear()
+        os.environ.update(environ)  # the test's environment now (a fault it set), not the server's at its start
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -92,7 +94,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 240.0) -> list:
     context = _rank_context()
     results = context.Queue()
     port = free_port()
-    procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, args, results))
+    procs = [context.Process(target=_rank_main, args=(fn, r, world_size, port, args, results, dict(os.environ)))
              for r in range(world_size)]
     for proc in procs:
         proc.start()

@@ -6,10 +6,15 @@ a byte of its newest ema.pt flipped. `dip sample`, `dip export` and the eval poo
 eval hook's link to that ema.pt) refuse that step with the reason; an export of the checkpoints
 directory takes step-8 with a warning naming the file; a run resumed there warns the same, resumes from
 step-8 and writes a step-12 bit-identical to the reference's.
+
+step-8 is first rewritten as this trainer wrote checkpoints before checksums and elastic resume (a
+sizes-only marker; a train_state without batch_split / resizes / non-finite counters, each rank's RNG
+with its per-rank generator): such checkpoints still resume on their own world size, bit-identically.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +42,27 @@ def checkpoint_warnings():
         logger.removeHandler(handler)
 
 
+def as_written_before_checksums_and_elastic(store, step: int) -> None:
+    """Rewrite step-N in the layout of the commit before this round's (3f18f94): its train_state.pt
+    fields and a COMMITTED marker that records sizes only."""
+    import torch
+
+    path = store.step_path(step, "train_state.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("batch_split", "resizes", "nonfinite_steps", "rollbacks"):
+        del state[key]
+    for rank in state["ranks"]:
+        rank["rng"]["generator"] = torch.Generator().manual_seed(7).get_state()  # the old per-rank stream
+    torch.save(state, path)
+    marker_path = store.step_path(step, "COMMITTED")
+    with open(marker_path) as f:
+        marker = json.load(f)
+    marker["files"] = {rel: os.path.getsize(store.step_path(step, rel)) for rel in marker["files"]}
+    with open(marker_path, "w") as f:
+        json.dump(marker, f)
+    assert store.verify(step, deep=True).ok  # sizes only: nothing to checksum
+
+
 def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_resume(tmp_path, capsys, ray_cluster,  # noqa: F811
                                                                                      zero2_reference):
     from cluster.cli import main
@@ -52,6 +78,7 @@ def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_re
     store = CheckpointStore(run_paths(cfg).checkpoint_uri)
     step12 = store.step_path(12)
     _flip_a_byte(os.path.join(step12, "ema.pt"))
+    as_written_before_checksums_and_elastic(store, 8)
     assert store.verify(12).ok  # by size it looks committed and complete
     why = "ema.pt was altered in place: its xxh3_64 checksum is "
 

@@ -59,8 +59,8 @@ def test_faults_fire_once_per_run(tmp_path, monkeypatch):
     assert faults._fire_once("x") is True
     assert faults._fire_once("x") is False  # a restarted worker group runs clean
     monkeypatch.setenv("DIP_FAULT_KILL_AT", "5:1")
-    faults.after_step(5, 0)  # another rank: nothing happens
-    faults.after_step(4, 1)  # another step: nothing happens
+    faults.after_step(5, 0, 2)  # another rank: nothing happens
+    faults.after_step(4, 1, 2)  # another step: nothing happens
     assert not (tmp_path / "fired-kill-at-5-1").exists()
     assert faults.forwarded_env() == {"DIP_FAULT_DIR": str(tmp_path), "DIP_FAULT_KILL_AT": "5:1"}
 

@@ -351,7 +351,8 @@ def _assert_close_to_reference(local_step_dir: str, reference) -> float:
     return worst
 
 
-def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, step_sleep_s: float):
+def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, step_sleep_s: float,
+                       env: tuple[str, ...] = ()):
     """Two worker nodes, an elastic job of TINY at `stage` with its sample ledger; returns once its first
     checkpoint is committed: (job id, its checkpoint store, the ledger directory)."""
     from trainer.checkpoint_store import CheckpointStore
@@ -360,7 +361,7 @@ def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, s
     out, ledger = str(tmp_path / "runs"), tmp_path / "ledger"
     ledger.mkdir()
     job_id = _submit(cluster, name, out, extra=ELASTIC + [f"train.zero_stage={stage}"],
-                     env=[f"DIP_FAULT_STEP_SLEEP_S={step_sleep_s}", f"DIP_FAULT_SAMPLE_LEDGER={ledger}"])
+                     env=[f"DIP_FAULT_STEP_SLEEP_S={step_sleep_s}", f"DIP_FAULT_SAMPLE_LEDGER={ledger}", *env])
     store = CheckpointStore(os.path.join(out, name, "checkpoints"))
     assert _wait_for_first_commit(store, job_id, cluster) < STEPS
     return job_id, store, str(ledger)
@@ -391,8 +392,11 @@ def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(
 def test_elastic_zero3_run_shrinks_then_grows_back_when_a_node_rejoins(zero3_reference, cluster, tmp_path):
     from trainer.checkpoint import load_train_state
 
-    # steps slowed so that the grow (Ray checks every 5 s, then a checkpoint at the next stop check) lands mid-run
-    job_id, store, ledger = _start_elastic_job(cluster, "regrow", tmp_path, stage=3, step_sleep_s=2)
+    # the 1-worker group's steps slowed (6 s each, up to 48 s in all) so that the grow lands mid-run however
+    # long the returning raylet takes to start on a busy machine (then Ray checks every 5 s, and the
+    # workers checkpoint at the next stop check); the grown group goes at 1 s a step
+    job_id, store, ledger = _start_elastic_job(cluster, "regrow", tmp_path, stage=3, step_sleep_s=1,
+                                               env=("DIP_FAULT_STEP_SLEEP_AT=1:6",))
     killed_at = time.time()
     cluster.kill_node(cluster.plain_worker_nodes()[0])
     _wait_for_log(cluster, job_id, "resize 1: ")

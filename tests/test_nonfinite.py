@@ -46,12 +46,8 @@ def _local_state(run) -> dict:
 
 def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_dir: str) -> list[dict]:
     """For each config: steps 1-3 of the real loop, where step 2's batch is NaN on rank 1 only
-    (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs (each fork costs the imports again)."""
+    (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs."""
     import torch
-
-    # one thread: this process is forked from pytest's, whose OpenMP pool (from any earlier test's torch
-    # work) does not survive a fork; a parallel region here would wait on its threads forever
-    torch.set_num_threads(1)
 
     from trainer.config import config_from_dict
     from trainer.worker import TrainingRun, WorkerContext

@@ -10,6 +10,8 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_KILL_IN_CHECKPOINT=S:R   rank R kills itself while writing checkpoint step-S
                                      (after its first file, before it reports its files done)
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
+  DIP_FAULT_STEP_SLEEP_AT=W:X    a group of W workers sleeps X s after every step instead (a shrunk run
+                                 stays shrunk long enough for a returning node to be seen)
   DIP_FAULT_NAN_AT=STEPS:RANKS   a poisoned batch: the pixels of optimizer steps STEPS (e.g. 6,10-12) on ranks
                                  RANKS (e.g. 1, 0,1 or *) are NaN, every time those steps run (not once)
   DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
@@ -24,7 +26,7 @@ import signal
 import time
 
 ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S",
-            "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S", "DIP_FAULT_NAN_AT")
+            "DIP_FAULT_STEP_SLEEP_AT", "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S", "DIP_FAULT_NAN_AT")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -65,9 +67,13 @@ def record_pid(rank: int) -> None:
             f.write(str(os.getpid()))
 
 
-def after_step(step: int, rank: int) -> None:
-    if "DIP_FAULT_STEP_SLEEP_S" in os.environ:
-        time.sleep(float(os.environ["DIP_FAULT_STEP_SLEEP_S"]))
+def after_step(step: int, rank: int, world_size: int) -> None:
+    sleep_s = os.environ.get("DIP_FAULT_STEP_SLEEP_S")
+    at_world, _, at_sleep_s = os.environ.get("DIP_FAULT_STEP_SLEEP_AT", "").partition(":")
+    if at_world and int(at_world) == world_size:
+        sleep_s = at_sleep_s
+    if sleep_s:
+        time.sleep(float(sleep_s))
     target = _target("DIP_FAULT_KILL_AT")
     if target == (step, rank) and _fire_once(f"kill-at-{step}-{rank}"):
         _die()

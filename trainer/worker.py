@@ -361,7 +361,7 @@ class TrainingRun:
                 self.log_interval(meter, loss_sum, loss_count, bar)
                 meter.reset()
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
-            faults.after_step(progress.step, self.rank)
+            faults.after_step(progress.step, self.rank, self.world_size)
             stop = self._check_stop() if progress.step % cfg.train.stop_check_every == 0 else STOP_NONE
             if stop == STOP_PREEMPTION and not preempt_saved:
                 log.warning("preemption notice: writing a checkpoint at step %d", progress.step)
