@@ -30,8 +30,10 @@ quickstart: install
 	$(BIN)/dip train configs/quickstart_cpu.yaml
 	$(BIN)/python benchmarks/grid_classes.py runs/quickstart/samples/final.png
 
+# two xdist workers, a file each at a time (module fixtures such as a Ray or multi-node cluster stay
+# whole); the longest files first (tests/conftest.py). Much of the suite waits on processes, not cores.
 test: install
-	$(BIN)/python -m pytest -q -ra --timeout=900 tests
+	$(BIN)/python -m pytest -q -ra --timeout=900 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests

@@ -12,6 +12,20 @@ import torch  # noqa: E402
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# `make test` runs the files on two xdist workers (--dist loadfile --no-loadscope-reorder), each file
+# whole on one worker, in collection order: the files of several minutes go first, so that none of them
+# starts last and becomes the suite's tail (serial minutes on the 2-core machine, 2026-12-01).
+LONGEST_FIRST = ("test_multinode_kill.py",      # ~6
+                 "test_multinode_elastic.py",   # ~5.5
+                 "test_trainer_faults.py",      # ~6
+                 "test_eval_pool.py",           # ~3.5
+                 "test_ablation_smoke.py")      # ~2
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def _reference_run(tmp_path_factory, stage: int):
     """The uninterrupted run of TINY at one ZeRO stage, with its sample ledger (ledger/ in its run dir).

@@ -12,6 +12,8 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
   DIP_FAULT_STEP_SLEEP_S=X       sleep X s after every step (so an outside kill lands mid-run)
   DIP_FAULT_STEP_SLEEP_AT=W:X    a group of W workers sleeps X s after every step instead (a shrunk run
                                  stays shrunk long enough for a returning node to be seen)
+  DIP_FAULT_STEP_SLEEP_FRESH_S=X a group that started from step 0 sleeps X s after every step; one that
+                                 resumed runs at full speed (a run slowed only until its fault)
   DIP_FAULT_NAN_AT=STEPS:RANKS   a poisoned batch: the pixels of optimizer steps STEPS (e.g. 6,10-12) on ranks
                                  RANKS (e.g. 1, 0,1 or *) are NaN, every time those steps run (not once)
   DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
@@ -26,7 +28,8 @@ import signal
 import time
 
 ENV_KEYS = ("DIP_FAULT_DIR", "DIP_FAULT_KILL_AT", "DIP_FAULT_KILL_IN_CHECKPOINT", "DIP_FAULT_STEP_SLEEP_S",
-            "DIP_FAULT_STEP_SLEEP_AT", "DIP_FAULT_SAMPLE_LEDGER", "DIP_FAULT_EVAL_SLEEP_S", "DIP_FAULT_NAN_AT")
+            "DIP_FAULT_STEP_SLEEP_AT", "DIP_FAULT_STEP_SLEEP_FRESH_S", "DIP_FAULT_SAMPLE_LEDGER",
+            "DIP_FAULT_EVAL_SLEEP_S", "DIP_FAULT_NAN_AT")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -67,8 +70,10 @@ def record_pid(rank: int) -> None:
             f.write(str(os.getpid()))
 
 
-def after_step(step: int, rank: int, world_size: int) -> None:
+def after_step(step: int, rank: int, world_size: int, resumed: bool = False) -> None:
     sleep_s = os.environ.get("DIP_FAULT_STEP_SLEEP_S")
+    if not resumed and os.environ.get("DIP_FAULT_STEP_SLEEP_FRESH_S"):
+        sleep_s = os.environ["DIP_FAULT_STEP_SLEEP_FRESH_S"]
     at_world, _, at_sleep_s = os.environ.get("DIP_FAULT_STEP_SLEEP_AT", "").partition(":")
     if at_world and int(at_world) == world_size:
         sleep_s = at_sleep_s

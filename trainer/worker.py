@@ -121,6 +121,7 @@ class TrainingRun:
             keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
             commit_timeout_s=cfg.checkpoint.commit_timeout_s)
         resumed = self.checkpoints.resume(enabled=cfg.checkpoint.resume == "auto")
+        self.resumed = resumed is not None
         self.tracker = None
         if self.is_main and self.ctx.mlflow_run_id:
             from trainer.tracking import RunLogger
@@ -361,7 +362,7 @@ class TrainingRun:
                 self.log_interval(meter, loss_sum, loss_count, bar)
                 meter.reset()
                 loss_sum, loss_count = torch.zeros((), device=self.device), 0
-            faults.after_step(progress.step, self.rank, self.world_size)
+            faults.after_step(progress.step, self.rank, self.world_size, self.resumed)
             stop = self._check_stop() if progress.step % cfg.train.stop_check_every == 0 else STOP_NONE
             if stop == STOP_PREEMPTION and not preempt_saved:
                 log.warning("preemption notice: writing a checkpoint at step %d", progress.step)
