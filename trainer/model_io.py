@@ -71,14 +71,15 @@ def verify_committed(step_dir: str, names: list[str]) -> None:
 
 
 def resolve_checkpoint_path(path: str) -> str:
-    """A file to read: the file itself, DIR/ema.pt, or the newest committed step's ema.pt (a step whose
-    ema.pt fails its checksum is skipped with a warning naming it)."""
+    """A file to read, checked once: the file itself or DIR/ema.pt (refused when it lies in a committed
+    step-N/ and no longer matches its recorded checksum), or the newest committed step's ema.pt (a step
+    whose ema.pt fails its checksum is skipped with a warning naming it)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    if os.path.isfile(path):
-        return path
-    if os.path.isfile(os.path.join(path, EMA_FILE)):
-        return os.path.join(path, EMA_FILE)
+    file = path if os.path.isfile(path) else os.path.join(path, EMA_FILE)
+    if os.path.isfile(file):
+        verify_committed(os.path.dirname(file), [os.path.basename(file)])
+        return file
     from trainer.checkpoint_store import CheckpointStore
 
     store = CheckpointStore(path)
@@ -172,7 +173,6 @@ class CheckpointFacts:
 def checkpoint_facts(path: str) -> CheckpointFacts:
     """CheckpointFacts of any supported checkpoint, read without loading its weights."""
     file = resolve_checkpoint_path(path)
-    verify_committed(os.path.dirname(file), [os.path.basename(file)])
     checkpoint = _read_checkpoint(file, mmap=True)
     config = _model_config(checkpoint)
     recorded = checkpoint.get(TRAINED_WITH)
@@ -184,9 +184,7 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
 def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
     """The EMA network in eval mode, from any supported checkpoint format (a committed checkpoint's
     file only when it matches its recorded checksum)."""
-    file = resolve_checkpoint_path(path)
-    verify_committed(os.path.dirname(file), [os.path.basename(file)])
-    return model_from_checkpoint(_read_checkpoint(file)).to(device)
+    return model_from_checkpoint(_read_checkpoint(resolve_checkpoint_path(path))).to(device)
 
 
 def model_from_checkpoint(checkpoint: dict) -> DiP:
