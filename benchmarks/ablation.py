@@ -126,8 +126,8 @@ class LoadSampler:
 
 def train(args, model: str, shards: str, ref: str, classes: int) -> dict:
     """One fresh `dip train` run; its figures, read back from its MLflow run."""
-    from cluster.launch import run_paths
-    from trainer.config import load_config
+    from cluster.driver.launch import run_paths
+    from trainer.config.sections import load_config
 
     extra = overrides(args, model, shards, ref, classes)
     cfg = load_config(RECIPE, extra)
@@ -173,11 +173,11 @@ def fill_missing_evals(cfg, paths, run_id: str, scored: set[int]) -> list[int]:
     method, and log it to the run's MLflow at that step. Returns the steps filled."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.eval.local import evaluate_locally
     from trainer.eval.reference import ReferenceStats
     from trainer.eval.tracking import log_eval_result
-    from trainer.eval_hook import sampling_spec
+    from trainer.eval.hook import sampling_spec
 
     store = CheckpointStore(paths.checkpoint_uri)
     missing = [s for s in store.committed_steps() if s % cfg.eval.every_steps == 0 and s not in scored]

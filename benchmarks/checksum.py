@@ -1,4 +1,4 @@
-"""What a checkpoint's checksums cost: XXH3-64 (the one trainer.checkpoint_store records) per GB.
+"""What a checkpoint's checksums cost: XXH3-64 (the one trainer.checkpoint.store records) per GB.
 
 Three figures, each the best of --repeats on one core:
 * hash only: xxh3_64 over an in-memory buffer in the 8 MiB chunks a verify reads (the CPU cost);
@@ -38,7 +38,7 @@ def _hash_rates(data: bytes, repeats: int) -> dict[str, float]:
     """Seconds per GB of each algorithm over `data`, fed in 8 MiB chunks."""
     import xxhash
 
-    from trainer.checkpoint_store import READ_CHUNK
+    from trainer.checkpoint.store import READ_CHUNK
 
     view = memoryview(data)
     chunks = [view[i:i + READ_CHUNK] for i in range(0, len(view), READ_CHUNK)]
@@ -69,7 +69,7 @@ def main() -> None:
 
     import torch
 
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     torch.set_num_threads(1)
     numel = (args.mb << 20) // 4

@@ -50,9 +50,9 @@ def init_report(init: str) -> None:
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.config import load_config
-    from trainer.engine import build_objective_module
-    from trainer.rng import keyed_draws
+    from trainer.config.sections import load_config
+    from trainer.loop.engine import build_objective_module
+    from trainer.loop.rng import keyed_draws
 
     cfg = load_config(QUICKSTART, [f"model.init={init}"])
     module = build_objective_module(cfg)
@@ -61,7 +61,7 @@ def init_report(init: str) -> None:
     print(f"label effect at init: {label_effect(module.denoiser, probe):.3e} "
           f"(output mean |v| {module.denoiser(probe, torch.full((16,), 0.3), torch.zeros(16, dtype=torch.long)).abs().mean().item():.3f})")
     images, labels = reference_images(16, 32, 10, seed=0)
-    keys = [f"probe-{i}" for i in range(16)]  # the trainer's per-sample draws (trainer.rng)
+    keys = [f"probe-{i}" for i in range(16)]  # the trainer's per-sample draws (trainer.loop.rng)
     loss, _ = module(to_pm1(images), labels, keyed_draws(0, 0, keys, tuple(images.shape[1:]), "cpu"))
     loss.backward()
     groups = {"label table": "y_embedder", "timestep MLP": "t_embedder", "adaLN modulation": "adaLN",
@@ -80,8 +80,8 @@ def _train(rank: int, world: int, steps: int, port: str, queue, init: str) -> No
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.config import load_config
-    from trainer.engine import build_engine, build_objective_module
+    from trainer.config.sections import load_config
+    from trainer.loop.engine import build_engine, build_objective_module
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE=str(world),

@@ -1,9 +1,9 @@
-"""What a resize costs: loading a ZeRO checkpoint on another world size (trainer.zero_state).
+"""What a resize costs: loading a ZeRO checkpoint on another world size (trainer.checkpoint.repartition).
 
-For one model size and ZeRO stage: W_save gloo ranks build the trainer's engine (trainer.engine,
+For one model size and ZeRO stage: W_save gloo ranks build the trainer's engine (trainer.loop.engine,
 fp32 on CPU), take one optimizer step (so AdamW's moments exist), and snapshot the checkpoint as the
 trainer writes it. Then W_load ranks load it: DeepSpeed's own loader when W_load == W_save, the
-re-partitioning loader (trainer.zero_state.load_resharded) otherwise. Prints seconds, bytes on disk,
+re-partitioning loader (trainer.checkpoint.repartition.load_resharded) otherwise. Prints seconds, bytes on disk,
 and the throughput, and puts DiP-XL/16 on paper at that throughput.
 
     python benchmarks/elastic.py                                  # DiP-B/16, ZeRO 1/2/3, 2 -> 1 and 2 -> 2
@@ -27,7 +27,7 @@ XL16_PARAMS = 630_848_931  # `dip plan configs/dip_xl16_256.yaml`
 
 
 def _config(model: str, stage: int):
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     return config_from_dict({"model": {"name": model, "num_classes": 10},
                              "data": {"resolution": 32, "batch_size": 1, "path": "synthetic"},
@@ -42,10 +42,10 @@ def _rank(rank: int, world: int, port: int, job: dict, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from trainer.checkpoint import load_engine, snapshot_engine
-    from trainer.engine import build_engine, build_objective_module
-    from trainer.rng import keyed_draws
-    from trainer.zero_state import load_resharded
+    from trainer.checkpoint.deepspeed_io import load_engine, snapshot_engine
+    from trainer.loop.engine import build_engine, build_objective_module
+    from trainer.loop.rng import keyed_draws
+    from trainer.checkpoint.repartition import load_resharded
 
     cfg = _config(job["model"], job["stage"])
     engine = build_engine(cfg, build_objective_module(cfg), cfg.batch_split(world))

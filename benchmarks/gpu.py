@@ -14,7 +14,7 @@ then writes a JSON and prints a line for benchmarks/RESULTS.md (device, date, to
     python benchmarks/gpu.py --engine torch      # no DeepSpeed installed: plain AdamW + bf16 autocast (labelled)
 
 The training step is the trainer's: engine(pixels, labels, keyed draws) -> backward -> step, then the
-EMA update (trainer/worker.py TrainingRun.train_step), fed from device-resident random batches so
+EMA update (trainer/loop/worker.py TrainingRun.train_step), fed from device-resident random batches so
 that only the model step is timed (the data pipeline has its own benchmark).
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ if not torch.cuda.is_available():
 from models.flops import dip_flops  # noqa: E402
 from models.registry import create_model, dip_config  # noqa: E402
 from models.speed import compile_state, maybe_compile, time_sampling  # noqa: E402
-from trainer.mfu import device_name, mfu_report, peak_for_device_name  # noqa: E402
-from trainer.rng import keyed_draws  # noqa: E402
+from trainer.tracking.mfu import device_name, mfu_report, peak_for_device_name  # noqa: E402
+from trainer.loop.rng import keyed_draws  # noqa: E402
 
 BASE_CONFIG = os.path.join(REPO, "configs", "dip_xl16_256.yaml")
 PAPER_CFG_SCALE, PAPER_CFG_INTERVAL = 2.9, (0.11, 0.97)
@@ -96,7 +96,7 @@ def init_single_process_group(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def train_config(model_name: str, resolution: int, batch: int, precision: str):
-    from trainer.config import load_config
+    from trainer.config.sections import load_config
 
     return load_config(BASE_CONFIG, [f"model.name={model_name}", f"data.resolution={resolution}",
                                      f"data.batch_size={batch}", "data.path=synthetic", "train.zero_stage=2",
@@ -110,7 +110,7 @@ class TorchEngine:
     """
 
     def __init__(self, module, cfg, device: torch.device):
-        from trainer.engine import build_optimizer
+        from trainer.loop.engine import build_optimizer
 
         self.module = module.to(device)
         self.optimizer, _ = build_optimizer(module, cfg)
@@ -133,7 +133,7 @@ class TorchEngine:
 
 def build_training(cfg, device: torch.device, engine_kind: str, compile_model: bool, compile_kwargs: dict):
     from models.ema import EMA
-    from trainer.engine import build_engine, build_objective_module
+    from trainer.loop.engine import build_engine, build_objective_module
 
     module = build_objective_module(cfg)
     maybe_compile(module.denoiser, compile_model, **compile_kwargs)

@@ -60,7 +60,7 @@ def grid_tiles(path: str, resolution: int, rows: int):
     import torch
     from PIL import Image
 
-    from trainer.sample_grid import GUTTER
+    from trainer.loop.sample_grid import GUTTER
 
     image = np.asarray(Image.open(path).convert("RGB"))
     step = resolution + GUTTER

@@ -5,7 +5,7 @@
    same model and per-worker batch (forward, backward, AdamW, EMA; tensors already in memory).
    Overhead = trainer step time / bare step time - 1 (target <= 10%). Split into parts, each measured:
    the bare loop as two processes at once (one per core: what the machine itself costs), the trainer's
-   own loop without Ray (trainer.worker.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
+   own loop without Ray (trainer.loop.worker.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
    and ZeRO-2's per-step traffic alone (one gradient all-reduce + one parameter all-gather over gloo).
    Each round runs all of them back to back and the figures are medians of per-round ratios, as
    this machine's speed drifts by tens of percent between minutes.
@@ -45,7 +45,7 @@ def bare_step_time(model_name: str, num_classes: int, batch: int, resolution: in
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=num_classes)
     ema = EMA(model, 0.99)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as trainer.engine.build_optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as trainer.loop.engine.build_optimizer
     objective = FlowMatching(num_classes=num_classes)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand(batch, 3, resolution, resolution) * 2 - 1  # (B, 3, N, N)
@@ -80,7 +80,7 @@ def concurrent_bare_step_time(args: tuple, copies: int = 2) -> tuple[float, floa
 
 def run_config(root: str, name: str, overrides: list[str]):
     """The measured run: DiP-T/16 on synthetic MDS shards, 2 workers x ZeRO-2 fp32, EMA on rank 0."""
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     base = {
         "run_name": name, "output_dir": os.path.join(root, "runs"),
@@ -97,7 +97,7 @@ def run_config(root: str, name: str, overrides: list[str]):
 
 
 def trainer_run(root: str, name: str, overrides: list[str]):
-    from cluster.launch import launch
+    from cluster.driver.launch import launch
 
     return launch(run_config(root, name, overrides), echo=lambda text: None)
 
@@ -156,8 +156,8 @@ def _init_gloo(rank: int, world: int, port: int) -> None:
 def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: str) -> None:
     import torch.distributed as dist
 
-    from trainer.config import config_from_dict
-    from trainer.worker import TrainingRun, WorkerContext
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.worker import TrainingRun, WorkerContext
 
     class TimedRun(TrainingRun):
         """Keeps each logging interval's (wall s, CPU s) per step, which Ray runs read back from MLflow."""
@@ -184,11 +184,11 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
 
 
 def no_ray_step_time(root: str, name: str, overrides: list[str]) -> tuple[float, float]:
-    """The trainer's own per-rank loop (trainer.worker.TrainingRun: the same DeepSpeed engine, streamed
+    """The trainer's own per-rank loop (trainer.loop.worker.TrainingRun: the same DeepSpeed engine, streamed
     shards, EMA) on as many plain torch.distributed gloo processes, without Ray: splits the overhead into
     Ray's part and the rest. (median wall s, median CPU s of rank 0) per step, as trainer_step_time."""
     from data import prepare_dataset
-    from trainer.config import to_dict
+    from trainer.config.sections import to_dict
 
     cfg = run_config(root, name, overrides)
     cfg = dataclasses.replace(cfg, data=prepare_dataset(cfg.data, os.path.join(root, "data")))

@@ -27,9 +27,9 @@ def _rank(rank: int, world: int, stage: int, port: int, queue) -> None:
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.rng import keyed_draws
-    from trainer.config import load_config
-    from trainer.engine import build_engine, build_objective_module
+    from trainer.loop.rng import keyed_draws
+    from trainer.config.sections import load_config
+    from trainer.loop.engine import build_engine, build_objective_module
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

@@ -6,7 +6,7 @@ the `meta` device):
 * Model states per GPU (parameters, gradients, optimizer states, EMA, DeepSpeed buffers; the EMA
   is whole on rank 0 under ZeRO-0/1/2 and partitioned like the weights under ZeRO-3). The
   per-parameter byte counts are what DeepSpeed 0.19.8 allocates with our engine config
-  (trainer/engine.py: torch AdamW, contiguous gradients, default bucket sizes), measured on CPU with
+  (trainer/loop/engine.py: torch AdamW, contiguous gradients, default bucket sizes), measured on CPU with
   two gloo ranks (tests/test_plan_zero_states.py checks them against live tensors).
 * Activations per image: every tensor autograd saves for backward, op by op, for the DiP block,
   the Patch Detailer Head (or the linear head) and the loss, in the training dtype. The peak adds
@@ -244,7 +244,7 @@ def model_states(trainable: int, denoiser: int, frozen: int, precision: str, zer
       ZeRO-3: weights b/N, gradients b/N + a reduce bucket of 5e8 elements allocated up front,
               optimizer 12/N, plus the layer being gathered and the prefetch bucket
 
-    The fp32 EMA (trainer/training_ema.py): 4 per denoiser parameter on rank 0 under ZeRO-0/1/2; under
+    The fp32 EMA (trainer/loop/training_ema.py): 4 per denoiser parameter on rank 0 under ZeRO-0/1/2; under
     ZeRO-3 each rank keeps its partition, 4/N, and rank 0 gathers the whole 4 for a sample grid.
     """
     if zero_stage not in ZERO_STAGES:
@@ -345,7 +345,7 @@ def _max_micro_batch(budget: int, per_image: int) -> int:
 
 
 def make_plan(cfg, hardware: Hardware, config_name: str = "") -> Plan:
-    """The memory plan of a `trainer.config.TrainConfig` on `hardware`, for ZeRO stages 0-3."""
+    """The memory plan of a `trainer.config.sections.TrainConfig` on `hardware`, for ZeRO stages 0-3."""
     trainable, denoiser, frozen, largest_module = count_parameters(cfg)
     model_cfg = cfg.model.dip_config()
     precision = cfg.train.precision

@@ -31,7 +31,7 @@ DEPS_MODES = ("image", "pip")
 WORKING_DIR_EXCLUDES = [".venv", "venv", ".git", "runs", "mlruns", "mlflow.db", "quickstart_out", ".pytest_cache",
                         "__pycache__", "*.egg-info", ".whl", ".gl", "*.pt", "*.ckpt", "*.npz"]
 # Seconds Ray gives the driver between SIGTERM (`dip jobs stop`) and SIGKILL: our driver uses them to
-# ask the workers for a final committed checkpoint (cluster/launch.py _StopOnSignal).
+# ask the workers for a final committed checkpoint (cluster/driver/launch.py _StopOnSignal).
 DEFAULT_STOP_GRACE_S = 300
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Environment names whose values are credentials (AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN, HF_TOKEN, ...)
@@ -356,8 +356,8 @@ class SubmitResult:
 
 def prepare(request: SubmitRequest):
     """Every check that needs no cluster. Returns (cfg, entrypoint, runtime_env, metadata)."""
-    from cluster.launch import run_paths
-    from trainer.config import load_config
+    from cluster.driver.launch import run_paths
+    from trainer.config.sections import load_config
 
     cfg = load_config(request.config, request.overrides)
     config_rel = relative_config_path(request.config, request.project_root)

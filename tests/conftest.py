@@ -33,7 +33,7 @@ def _reference_run(tmp_path_factory, stage: int):
     starts another."""
     import ray
 
-    from cluster.launch import launch
+    from cluster.driver.launch import launch
     from tests.test_trainer_support import tiny_config
 
     root = tmp_path_factory.mktemp(f"reference-zero{stage}")

@@ -1,5 +1,5 @@
 """A committed checkpoint altered in place, its size unchanged, is never loaded (the COMMITTED marker's
-checksums, trainer/checkpoint_store.py).
+checksums, trainer/checkpoint/store.py).
 
 The session's reference run (tests/conftest.py, zero2_reference: step-8 and step-12 kept) is copied and
 a byte of its newest ema.pt flipped. `dip sample`, `dip export` and the eval pool's loader (given the
@@ -65,11 +65,11 @@ def as_written_before_checksums_and_elastic(store, step: int) -> None:
 
 def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_resume(tmp_path, capsys, ray_cluster,  # noqa: F811
                                                                                      zero2_reference):
-    from cluster.cli import main
-    from cluster.launch import launch, run_paths
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.cli.main import main
+    from cluster.driver.launch import launch, run_paths
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.eval.generation import load_eval_model
-    from trainer.eval_hook import EvalHook
+    from trainer.eval.hook import EvalHook
 
     reference = CheckpointStore(zero2_reference.checkpoint_dir)
     assert reference.steps() == [8, 12]

@@ -65,7 +65,7 @@ def _commit(store, step: int, world: int = 2) -> None:
 
 
 def test_commit_verify_prune_and_download_on_s3(s3_bucket, tmp_path):
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(f"{s3_bucket}/unit")
     assert not store.is_local and store.steps() == []
@@ -87,9 +87,9 @@ def test_commit_verify_prune_and_download_on_s3(s3_bucket, tmp_path):
 
 
 def test_training_checkpoints_to_s3_and_resumes_from_it(s3_bucket, tmp_path, ray_cluster):  # noqa: F811
-    from cluster.launch import launch
-    from trainer.checkpoint import load_train_state
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.driver.launch import launch
+    from trainer.checkpoint.manager import load_train_state
+    from trainer.checkpoint.store import CheckpointStore
 
     overrides = [f"checkpoint.path={s3_bucket}/runs", "train.max_steps=4"]
     first = launch(tiny_config(tmp_path, "s3run", overrides))

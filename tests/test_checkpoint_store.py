@@ -9,7 +9,7 @@ import pytest
 import torch
 import xxhash
 
-from trainer.checkpoint_store import MARKER, CheckpointStore, step_name
+from trainer.checkpoint.store import MARKER, CheckpointStore, step_name
 
 
 def _write_rank_files(store, step, rank, attempt, payload=b"x" * 100):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import ema_file_payload, to_host
-from trainer.rng import capture_rng, restore_rng
+from trainer.checkpoint.deepspeed_io import to_host
+from trainer.checkpoint.manager import ema_file_payload
+from trainer.loop.rng import capture_rng, restore_rng
 
 
 def test_rng_state_round_trips_through_a_weights_only_file():
@@ -66,7 +67,7 @@ def test_faults_fire_once_per_run(tmp_path, monkeypatch):
 
 
 def test_interval_meter_reports_throughput_and_data_wait_share():
-    from trainer.step_metrics import IntervalMeter
+    from trainer.loop.step_metrics import IntervalMeter
 
     meter = IntervalMeter()
     meter.started -= 2.0  # two seconds ago
@@ -80,8 +81,8 @@ def test_interval_meter_reports_throughput_and_data_wait_share():
 
 
 def test_deepspeed_config_follows_the_run_config():
-    from trainer.config import config_from_dict
-    from trainer.engine import deepspeed_config
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.engine import deepspeed_config
 
     cfg = config_from_dict({}, ["data.batch_size=8", "train.grad_accum=4", "train.zero_stage=3",
                                 "train.precision=bf16", "optim.grad_clip=1.0"])
@@ -96,8 +97,8 @@ def test_deepspeed_config_follows_the_run_config():
 
 
 def test_warmup_then_constant_learning_rate():
-    from trainer.config import config_from_dict
-    from trainer.engine import build_optimizer
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.engine import build_optimizer
 
     cfg = config_from_dict({}, ["optim.lr=1e-3", "optim.warmup_steps=4"])
     optimizer, scheduler = build_optimizer(torch.nn.Linear(2, 2), cfg)
@@ -111,7 +112,7 @@ def test_warmup_then_constant_learning_rate():
 
 def _writer(store, rank: int):
     """A CheckpointManager with only what its staging directory needs (no engine, loader or EMA)."""
-    from trainer.checkpoint import CheckpointManager, TrainProgress
+    from trainer.checkpoint.manager import CheckpointManager, TrainProgress
 
     return CheckpointManager(store, rank, 2, None, engine=None, loader=None, progress=TrainProgress(), ema=None,
                              identity=None, zero_stage=2, keep=2, async_save=False, commit_timeout_s=5)
@@ -125,7 +126,7 @@ def test_staging_dirs_of_sigkilled_writers_are_swept_at_start_and_live_ones_kept
     import sys
     import tempfile
 
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     temp = tmp_path / "tmp"
@@ -133,7 +134,7 @@ def test_staging_dirs_of_sigkilled_writers_are_swept_at_start_and_live_ones_kept
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
     store = CheckpointStore(str(tmp_path / "ckpt"))
     live = _writer(store, 1)  # a live writer
-    code = ("import sys; from trainer.checkpoint_store import CheckpointStore; "
+    code = ("import sys; from trainer.checkpoint.store import CheckpointStore; "
             "from tests.test_checkpoint_units import _writer; "
             "print(_writer(CheckpointStore(sys.argv[1]), 0).staging_dir, flush=True); sys.stdin.read()")
     writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "ckpt")], cwd=repo, text=True,

@@ -1,9 +1,9 @@
-"""`dip`: every subcommand takes its options and `key=value` overrides in any order (cluster.cli.AnyOrderParser)."""
+"""`dip`: every subcommand takes its options and `key=value` overrides in any order (cluster.cli.main.AnyOrderParser)."""
 from __future__ import annotations
 
 import pytest
 
-from cluster.cli import AnyOrderParser, main
+from cluster.cli.main import AnyOrderParser, main
 from tests.test_docs_examples import REPO, leaf_parsers
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cluster import submit as sub
-from cluster.cli import main as dip
+from cluster.cli.main import main as dip
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart_cpu.yaml")
@@ -176,7 +176,7 @@ def test_dry_run_redacts_credentials_and_warns_about_secret_env(tmp_path, capsys
 
 
 def test_workers_never_get_credentials_from_the_driver(monkeypatch):
-    from cluster.launch import _worker_env
+    from cluster.driver.launch import _worker_env
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-test")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from trainer.config import (TrainConfig, config_from_dict, config_hash, flatten, load_config, parse_override,
+from trainer.config.sections import (TrainConfig, config_from_dict, config_hash, flatten, load_config, parse_override,
                             resume_incompatibilities, to_dict, to_yaml)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")

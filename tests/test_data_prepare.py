@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from cluster.cli import main as dip
+from cluster.cli.main import main as dip
 from data import DataConfig, build_dataloader, prepare_dataset
 from data.remote import cache_root, clean_stale_caches
 from data.shm import clean_stale_streaming_state, streaming_segments

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.cli import main as dip
+from cluster.cli.main import main as dip
 from tests.data_helpers import free_port
 
 pytestmark = pytest.mark.slow

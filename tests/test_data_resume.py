@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from cluster.cli import main as dip
+from cluster.cli.main import main as dip
 from tests.data_helpers import run_ranks
 
 pytestmark = pytest.mark.slow

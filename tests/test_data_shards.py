@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.cli import main as dip
+from cluster.cli.main import main as dip
 from data import DataConfig, build_dataloader
 from data.loader import CorruptSampleWarning
 from data.shm import streaming_segments

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import build_parser, main
+from cluster.cli.main import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

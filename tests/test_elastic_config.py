@@ -2,7 +2,7 @@
 import pytest
 
 from tests.test_trainer_support import TINY
-from trainer.config import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
+from trainer.config.sections import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
 
 
 def _cfg(*overrides: str):
@@ -56,7 +56,7 @@ def test_resuming_on_another_world_size_is_fine_unless_the_global_batch_changes(
 
 
 def test_dip_plan_and_train_check_show_both_ends_of_the_range(capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     assert main(["plan", "configs/dip_xl16_256.yaml", "cluster.num_workers=[4,8]", "--gpu-memory", "80GB"]) == 0
     out = capsys.readouterr().out
@@ -70,7 +70,7 @@ def test_dip_plan_and_train_check_show_both_ends_of_the_range(capsys):
 
 
 def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restart_does_not(tmp_path):
-    """cluster/elastic.py's controller hook, driven through Ray Train's real controller states; the workers'
+    """cluster/driver/elastic.py's controller hook, driven through Ray Train's real controller states; the workers'
     side (answering the request with a committed step) played by a thread."""
     import threading
 
@@ -78,8 +78,8 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restar
                                                                   SchedulingState)
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
-    from cluster.elastic import checkpoint_before_grow
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.driver.elastic import checkpoint_before_grow
+    from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(str(tmp_path / "checkpoints"))
     store.commit(4, {}, {})  # a periodic checkpoint: not the answer to a request
@@ -112,11 +112,11 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restar
 
 
 def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_path):
-    """What cluster.launch.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
+    """What cluster.driver.launch.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
     resize interval, and the hook among the callbacks Ray Train gives its controller as they are (a
     UserCallback would be wrapped in a handler that only forwards report/exception events)."""
-    from cluster.launch import PreparedRun, ResumePlan, build_trainer, run_paths
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.driver.launch import PreparedRun, ResumePlan, build_trainer, run_paths
+    from trainer.checkpoint.store import CheckpointStore
 
     cfg = _cfg("cluster.num_workers=[1,2]", "cluster.resize_check_s=7", f"output_dir={tmp_path}")
     paths = run_paths(cfg)

@@ -1,6 +1,6 @@
 """Resuming ZeRO-1/2/3 on another world size, at the level of the training loop (no Ray).
 
-The trainer's own loop (trainer.worker.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
+The trainer's own loop (trainer.loop.worker.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
 CheckpointManager) runs in real gloo processes. For every ZeRO stage:
 * 2 -> 1: a 2-worker run saves at step 2; a 1-worker run resumes from it and saves at step 3;
 * 1 -> 2: a 2-worker run resumes that 1-worker checkpoint.
@@ -32,7 +32,7 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     cfg = config_from_dict(TINY)
     return prepare_dataset(cfg.data, str(tmp_path_factory.mktemp("elastic-data"))).path
@@ -44,9 +44,9 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     rank, where the collective that consolidates it runs."""
     import torch.distributed as dist
 
-    from trainer.config import config_from_dict
-    from trainer.worker import TrainingRun, WorkerContext
-    from trainer.zero_state import consolidated_engine_state
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.checkpoint.repartition import consolidated_engine_state
 
     cfg = config_from_dict(cfg_dict)
     run = TrainingRun(cfg, WorkerContext(store_dir, os.path.dirname(store_dir), "", ""), rank, world)
@@ -72,8 +72,8 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
 
 def _differences(restored: dict, step_dir: str) -> list[str]:
     """Where the engine's gathered state differs from the checkpoint's, per parameter and kind."""
-    from trainer.commands import consolidated_model_weights
-    from trainer.zero_state import KINDS, ZeroCheckpoint
+    from cluster.cli.export import consolidated_model_weights
+    from trainer.checkpoint.repartition import KINDS, ZeroCheckpoint
 
     saved = ZeroCheckpoint(step_dir)
     found = [] if sorted(restored) == sorted(saved.names()) else ["parameter names differ"]

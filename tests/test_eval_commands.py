@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.cli import main
+from cluster.cli.main import main
 from tests.test_eval_support import photo_crops, save_tiny_checkpoint, tf1_resize_bilinear_reference
 
 REPO = Path(__file__).resolve().parents[1]

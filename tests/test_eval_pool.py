@@ -187,7 +187,7 @@ def test_a_reference_built_by_the_pool_equals_the_reference_file(ray_cluster, re
 
 
 def _hook_config(tmp_path, reference_path, overrides=()):
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     raw = {"run_name": "hooked", "output_dir": str(tmp_path / "runs"), "model": {"num_classes": 10},
            "data": {"resolution": IMAGE_SIZE}, "checkpoint": {"every_steps": 4, "keep": 1},
@@ -206,8 +206,8 @@ def test_an_eval_keeps_its_checkpoint_when_keep_1_prunes_it_before_the_eval_star
                                                                                     reference_path, tmp_path):
     """checkpoint.keep=1: the workers prune step-4 as soon as step-8 commits, while the pool is still
     starting its actor (seconds): the eval of step 4 must still run, on the hook's own link to ema.pt."""
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.eval_hook import EvalHook
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.eval.hook import EvalHook
 
     store = CheckpointStore(str(tmp_path / "ckpt"))
     _commit_ema(store, 4, checkpoint)
@@ -226,8 +226,8 @@ def test_eval_actors_that_cannot_be_placed_time_out_with_a_warning(ray_cluster, 
                                                                     tmp_path, caplog):
     """A GPU eval actor on a CPU-only cluster: the driver's end-of-run wait returns after
     eval.start_timeout_s, not after its own 600 s, and later hand-overs are dropped."""
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.eval_hook import EvalHook
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.eval.hook import EvalHook
 
     store = CheckpointStore(str(tmp_path / "ckpt"))
     _commit_ema(store, 4, checkpoint)

@@ -54,8 +54,8 @@ def tf1_resize_bilinear_reference(image: np.ndarray, out_h: int, out_w: int) -> 
 
 def commit_step_dir(step_dir: Path) -> None:
     """Commit a hand-made step-N/ as the trainer does: a COMMITTED marker listing each file's size and
-    checksum (trainer.checkpoint_store)."""
-    from trainer.checkpoint_store import CheckpointStore
+    checksum (trainer.checkpoint.store)."""
+    from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(str(step_dir.parent))
     files = {f.name: store.write_stream(f"{step_dir.name}/{f.name}", lambda out, data=f.read_bytes(): out.write(data))
@@ -69,7 +69,7 @@ def save_tiny_checkpoint(directory: Path, num_classes: int = 10, seed: int = 0, 
     import torch
 
     from models.registry import create_model
-    from trainer.config import config_from_dict, to_dict
+    from trainer.config.sections import config_from_dict, to_dict
 
     torch.manual_seed(seed)
     model = create_model("DiP-T/16", num_classes=num_classes)

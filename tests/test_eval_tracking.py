@@ -73,7 +73,7 @@ class _RecordingPool:
 
 
 def _committed_store(tmp_path, steps):
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(str(tmp_path / "ckpt"))
     for step in steps:
@@ -83,8 +83,8 @@ def _committed_store(tmp_path, steps):
 
 
 def _hook(tmp_path, store, pool):
-    from trainer.config import config_from_dict
-    from trainer.eval_hook import EvalHook
+    from trainer.config.sections import config_from_dict
+    from trainer.eval.hook import EvalHook
 
     cfg = config_from_dict({"run_name": "h", "output_dir": str(tmp_path / "runs"), "eval": {"every_steps": 100}})
     hook = EvalHook(cfg, store)  # eval.enabled is false: no pool is started; the recording one is put in
@@ -114,8 +114,8 @@ def test_a_failed_run_hands_nothing_more_to_the_pool(tmp_path):
 
 
 def test_a_synthetic_reference_needs_synthetic_data(tmp_path):
-    from trainer.config import config_from_dict
-    from trainer.eval_hook import EvalHook
+    from trainer.config.sections import config_from_dict
+    from trainer.eval.hook import EvalHook
 
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -129,7 +129,7 @@ def test_a_synthetic_reference_needs_synthetic_data(tmp_path):
 def test_the_training_runs_eval_hook_logs_grids_as_files_and_step_keyed_images(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import RunLogger, embedded_uri, open_run
+    from trainer.tracking.run_logger import RunLogger, embedded_uri, open_run
 
     uri = embedded_uri(str(tmp_path))
     run_id = open_run(uri, "eval-hook", "h", {}, {}, str(tmp_path / "artifacts"))

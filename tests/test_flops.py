@@ -1,4 +1,4 @@
-"""FLOP counting (models/flops.py) and MFU arithmetic (trainer/mfu.py) against hand counts."""
+"""FLOP counting (models/flops.py) and MFU arithmetic (trainer/tracking/mfu.py) against hand counts."""
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +6,7 @@ import torch.nn as nn
 from models.dip import DiPConfig
 from models.flops import FlopCount, count_flops, dip_flops, model_flops, module_training_flops
 from models.registry import create_model, dip_config
-from trainer.mfu import KNOWN_GPU_KINDS, mfu_metrics, mfu_report, peak_for_device_name
+from trainer.tracking.mfu import KNOWN_GPU_KINDS, mfu_metrics, mfu_report, peak_for_device_name
 
 H100_SXM_NAME = "NVIDIA H100 80GB HBM3"  # what torch.cuda.get_device_name() says on an H100 SXM
 

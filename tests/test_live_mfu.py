@@ -1,16 +1,16 @@
-"""Live MFU: the figures every log interval records (trainer/step_metrics.py) from the run's own counted
-training FLOPs, measured images/s and the device kind's peak (trainer/mfu.py)."""
+"""Live MFU: the figures every log interval records (trainer/loop/step_metrics.py) from the run's own counted
+training FLOPs, measured images/s and the device kind's peak (trainer/tracking/mfu.py)."""
 import pytest
 import torch
 
-from trainer.config import config_from_dict
+from trainer.config.sections import config_from_dict
 
 TINY_MODEL = {"model": {"name": "DiP-T/16", "num_classes": 4}, "data": {"resolution": 16, "synthetic_classes": 4},
               "samples": {"num_classes": 2}}
 
 
 def _meter(seconds_ago: float, steps: int):
-    from trainer.step_metrics import IntervalMeter
+    from trainer.loop.step_metrics import IntervalMeter
 
     meter = IntervalMeter()
     meter.started -= seconds_ago
@@ -21,7 +21,7 @@ def _meter(seconds_ago: float, steps: int):
 
 def test_the_run_counts_its_own_model_at_its_own_resolution():
     from models.flops import dip_flops
-    from trainer.step_metrics import flops_per_image
+    from trainer.loop.step_metrics import flops_per_image
 
     cfg = config_from_dict(TINY_MODEL)
     assert flops_per_image(cfg) == dip_flops("DiP-T/16", 16).training
@@ -30,7 +30,7 @@ def test_the_run_counts_its_own_model_at_its_own_resolution():
 
 
 def test_repa_adds_the_encoder_forward_and_the_projector_forward_and_backward():
-    from trainer.step_metrics import flops_per_image
+    from trainer.loop.step_metrics import flops_per_image
 
     plain = flops_per_image(config_from_dict(TINY_MODEL))
     repa = {"repa_encoder": "tiny", "repa_block": 1}
@@ -43,7 +43,7 @@ def test_repa_adds_the_encoder_forward_and_the_projector_forward_and_backward():
 
 
 def test_achieved_tflops_are_counted_flops_times_measured_images_per_second_per_device():
-    from trainer.step_metrics import flops_per_image
+    from trainer.loop.step_metrics import flops_per_image
 
     flops = flops_per_image(config_from_dict(TINY_MODEL))
     figures = _meter(seconds_ago=2.0, steps=4).figures(images_per_step=8, flops_per_img=flops, device_name="cpu",
@@ -60,9 +60,9 @@ def test_achieved_tflops_are_counted_flops_times_measured_images_per_second_per_
     ("Tesla V100-SXM2-32GB", None, None),  # a kind without a known bf16 peak: no MFU
 ])
 def test_a_cuda_device_name_picks_its_peak(monkeypatch, name, peak, practical):
-    """The worker's path on a GPU: trainer.mfu.device_name(engine.device) -> the name -> the peak. The
+    """The worker's path on a GPU: trainer.tracking.mfu.device_name(engine.device) -> the name -> the peak. The
     CUDA runtime is faked here (no GPU on CI); the name is all the lookup reads."""
-    from trainer.mfu import device_name
+    from trainer.tracking.mfu import device_name
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     seen = device_name(torch.device("cuda", 0))

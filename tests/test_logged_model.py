@@ -1,4 +1,4 @@
-"""The final EMA model as an MLflow LoggedModel (trainer/logged_model.py) on a real sqlite store, without
+"""The final EMA model as an MLflow LoggedModel (trainer/tracking/logged_model.py) on a real sqlite store, without
 Ray: the referenced form, the auto choice, what a pruned checkpoint says. The copied form, registration
 and the real run are read back in tests/test_trainer_e2e.py."""
 import os
@@ -14,7 +14,7 @@ LABELS = [0, 1, 2, 4]
 def _checkpoint(root) -> str:
     """A checkpoint root with step-8/ema.pt of a tiny DiP, in the layout the trainer writes."""
     from models.registry import create_model
-    from trainer.checkpoint import ema_file_payload
+    from trainer.checkpoint.manager import ema_file_payload
 
     torch.manual_seed(0)
     model = create_model("DiP-T/16", num_classes=4)
@@ -27,11 +27,11 @@ def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_p
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from trainer.config import config_from_dict
-    from trainer.logged_model import log_ema_model, log_final_model, weights_mode
+    from trainer.config.sections import config_from_dict
+    from trainer.tracking.logged_model import log_ema_model, log_final_model, weights_mode
     from trainer.model_io import load_sampling_model
-    from trainer.sample_cmd import sample_pixels
-    from trainer.tracking import embedded_uri, open_run
+    from cluster.cli.sample import sample_pixels
+    from trainer.tracking.run_logger import embedded_uri, open_run
 
     checkpoints = _checkpoint(tmp_path)
     uri = embedded_uri(str(tmp_path))

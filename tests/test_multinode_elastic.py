@@ -97,7 +97,7 @@ def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, s
                        env: tuple[str, ...] = ()):
     """Two worker nodes, an elastic job of TINY at `stage` with its sample ledger; returns once its first
     checkpoint is committed: (job id, its checkpoint store, the ledger directory)."""
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     _exactly_two_worker_nodes(cluster)
     out, ledger = str(tmp_path / "runs"), tmp_path / "ledger"
@@ -110,7 +110,7 @@ def _start_elastic_job(cluster: LocalCluster, name: str, tmp_path, stage: int, s
 
 
 def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(zero2_reference, cluster, tmp_path):
-    from trainer.checkpoint import load_train_state
+    from trainer.checkpoint.manager import load_train_state
 
     job_id, store, ledger = _start_elastic_job(cluster, "shrink", tmp_path, stage=2, step_sleep_s=0.5)
     killed_at = time.time()
@@ -132,7 +132,7 @@ def test_elastic_zero2_run_goes_on_with_one_worker_when_a_node_is_lost_for_good(
 
 
 def test_elastic_zero3_run_shrinks_then_grows_back_when_a_node_rejoins(zero3_reference, cluster, tmp_path):
-    from trainer.checkpoint import load_train_state
+    from trainer.checkpoint.manager import load_train_state
 
     # the 1-worker group's steps slowed (6 s each, up to 48 s in all) so that the grow lands mid-run however
     # long the returning raylet takes to start on a busy machine (then Ray checks every 5 s, and the

@@ -137,8 +137,8 @@ def reference(zero2_reference):
     """The uninterrupted run: the session's ZeRO-2 reference of the trainer tests (tests/conftest.py).
     The submitted jobs below are the same config (quickstart + _tiny == tests.test_trainer_support.TINY,
     checked here), so on any cluster layout they must end bit-identical to it."""
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.config import config_from_dict, load_config, to_dict
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.config.sections import config_from_dict, load_config, to_dict
     from tests.test_trainer_support import TINY
 
     submitted = to_dict(load_config(os.path.join(REPO, "configs", "quickstart_cpu.yaml"), _tiny("ref2", "x")))
@@ -151,7 +151,7 @@ def reference(zero2_reference):
 
 
 def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(cluster, reference, tmp_path):
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     out = str(tmp_path / "runs")
     job_id = _submit(cluster, "killed", out, extra=["tracking.system_metrics_interval_s=1"],
@@ -180,7 +180,7 @@ def _assert_system_metrics_per_node(run_dir: str) -> None:
     """MLflow's system metrics of a 2-node run: one monitor per node, each under its own node id."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import embedded_uri
+    from trainer.tracking.run_logger import embedded_uri
 
     client = MlflowClient(tracking_uri=embedded_uri(run_dir))
     (run,) = client.search_runs([client.get_experiment_by_name("dip").experiment_id])
@@ -231,7 +231,7 @@ def _upload_dir(client, local: str, bucket: str, prefix: str) -> None:
 
 
 def test_sigterm_preempts_a_node_on_object_storage_with_a_final_checkpoint(cluster, reference, s3, tmp_path):
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     client, s3_env = s3
     # the reference's own shards, now only on S3: the same data, so the same weights are expected

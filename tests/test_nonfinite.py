@@ -1,4 +1,4 @@
-"""Non-finite training steps (trainer/nonfinite.py), with a poisoned batch (DIP_FAULT_NAN_AT) on 2 ranks.
+"""Non-finite training steps (trainer/loop/nonfinite.py), with a poisoned batch (DIP_FAULT_NAN_AT) on 2 ranks.
 
 * At the loop's level (the real TrainingRun and DeepSpeed on gloo, no Ray): a step whose batch is NaN
   on rank 1 only is skipped on both ranks, and changes nothing, on either: module weights, the fp32
@@ -37,7 +37,7 @@ def _local_state(run) -> dict:
         out[f"master.{i}"] = param.detach().clone()
         out.update({f"adam.{i}.{key}": torch.as_tensor(value).detach().clone() for key, value in state.items()})
     out["lr"] = torch.tensor(engine.get_lr())
-    ema = run.ema  # trainer.training_ema: ZeRO-3 shards on every rank, else the whole EMA on rank 0
+    ema = run.ema  # trainer.loop.training_ema: ZeRO-3 shards on every rank, else the whole EMA on rank 0
     weights = ema.shards if hasattr(ema, "shards") else ema.ema.module.state_dict() if ema.ema is not None else {}
     out.update({f"ema.{name}": t.detach().clone() for name, t in weights.items()})
     out["ema.num_updates"] = torch.tensor(ema.num_updates)
@@ -49,8 +49,8 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
     (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs."""
     import torch
 
-    from trainer.config import config_from_dict
-    from trainer.worker import TrainingRun, WorkerContext
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.worker import TrainingRun, WorkerContext
 
     def changed(a: dict, b: dict) -> list[str]:
         return sorted(k for k in a if not torch.equal(a[k], b[k]))  # NaN != NaN: a NaN anywhere counts
@@ -76,14 +76,14 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     return prepare_dataset(config_from_dict(TINY).data, str(tmp_path_factory.mktemp("nonfinite-data"))).path
 
 
 def test_a_step_poisoned_on_one_rank_is_skipped_on_both_and_changes_nothing(shards, tmp_path, monkeypatch):
     """ZeRO-2 fp32 and ZeRO-3 bf16: DeepSpeed's own overflow path; ZeRO-0 fp32: the guard's
-    (trainer.nonfinite.guard_plain_optimizer)."""
+    (trainer.loop.nonfinite.guard_plain_optimizer)."""
     monkeypatch.setenv("DIP_FAULT_NAN_AT", "2:1")
     setups = [(2, "fp32"), (0, "fp32"), (3, "bf16")]
     configs = [{**TINY, "data": {**TINY["data"], "path": shards},
@@ -109,10 +109,10 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
     is committed; steps 10, 11 are skipped -> a second rollback is one too many: FAILED, step-8 kept."""
     from mlflow.tracking import MlflowClient
 
-    from cluster.cli import TrainingFailed
-    from cluster.launch import launch, run_paths
-    from trainer.checkpoint import load_train_state
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.cli.main import TrainingFailed
+    from cluster.driver.launch import launch, run_paths
+    from trainer.checkpoint.manager import load_train_state
+    from trainer.checkpoint.store import CheckpointStore
     from trainer.faults import read_ledger
 
     ledger = tmp_path / "ledger"

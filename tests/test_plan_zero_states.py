@@ -1,7 +1,7 @@
 """`dip plan`'s per-GPU model-state arithmetic against real DeepSpeed engines on CPU.
 
-Two gloo ranks build the trainer's own engine (trainer.engine.build_engine: our DeepSpeed config,
-torch AdamW) for ZeRO stages 0-3 and the trainer's fp32 EMA (trainer.training_ema: whole on rank 0
+Two gloo ranks build the trainer's own engine (trainer.loop.engine.build_engine: our DeepSpeed config,
+torch AdamW) for ZeRO stages 0-3 and the trainer's fp32 EMA (trainer.loop.training_ema: whole on rank 0
 under ZeRO-0/1/2, each rank's partition under ZeRO-3), and each rank runs
 forward/backward/step on a tiny batch. We count the bytes of every live tensor storage the
 process holds (gc walk, distinct storages) on rank 0, minus what was alive before the engine:
@@ -48,9 +48,9 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.config import config_from_dict
-    from trainer.engine import build_engine, build_objective_module
-    from trainer.training_ema import build_training_ema
+    from trainer.config.sections import config_from_dict
+    from trainer.loop.engine import build_engine, build_objective_module
+    from trainer.loop.training_ema import build_training_ema
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -63,7 +63,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
         before = _live_tensor_bytes()
         module = build_objective_module(cfg)
         before_ema = _live_tensor_bytes()
-        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/worker.py
+        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/loop/worker.py
         ema_bytes = _live_tensor_bytes() - before_ema
         engine = build_engine(cfg, module, cfg.batch_split(WORLD))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -104,7 +104,7 @@ def measured(request, tmp_path_factory):
 
 def _plan_states(precision: str, stage: int):
     from cluster.plan import count_parameters, model_states
-    from trainer.config import config_from_dict
+    from trainer.config.sections import config_from_dict
 
     cfg = config_from_dict({"model": {"name": MODEL, "num_classes": 10}, "data": {"resolution": 32},
                             "train": {"precision": precision}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.cli import main
+from cluster.cli.main import main
 from models import DiP, export_official_state_dict
 from models.registry import dip_config
 from tests.test_eval_support import commit_step_dir, save_tiny_checkpoint

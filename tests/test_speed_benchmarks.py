@@ -89,7 +89,7 @@ def test_grid_classes_judges_rows_of_real_images_right_and_shuffled_rows_wrong(t
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.sample_grid import save_grid
+    from trainer.loop.sample_grid import save_grid
 
     images, labels = reference_images(200, 32, 10, seed=99)
     by_class = torch.cat([to_pm1(images[labels == c][:4]) for c in range(10)])  # rows = classes 0..9

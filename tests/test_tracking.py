@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from trainer.tracking import RunLogger, embedded_uri, finish_run, open_run
+from trainer.tracking.run_logger import RunLogger, embedded_uri, finish_run, open_run
 
 
 def _free_port() -> int:
@@ -152,7 +152,7 @@ def test_grids_become_step_keyed_images_once_per_step(tmp_path, store_uri):
 def test_system_metrics_log_even_a_run_shorter_than_one_interval_under_its_node_id(store_uri):
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import SystemMetrics
+    from trainer.tracking.run_logger import SystemMetrics
 
     uri, artifacts = store_uri
     run_id = open_run(uri, "dip-test", "system", {}, {}, artifacts)
@@ -166,8 +166,8 @@ def test_system_metrics_log_even_a_run_shorter_than_one_interval_under_its_node_
 
 
 def test_system_metrics_follow_the_switch_and_sample_once_per_node():
-    from trainer.config import TrackingSection
-    from trainer.tracking import node_placement, placement, start_system_metrics
+    from trainer.config.sections import TrackingSection
+    from trainer.tracking.run_logger import node_placement, placement, start_system_metrics
 
     assert start_system_metrics(TrackingSection(system_metrics=False), "sqlite:///unused.db", "r" * 32, 0) is None
     assert start_system_metrics(TrackingSection(), "sqlite:///unused.db", "", 0) is None  # no MLflow run

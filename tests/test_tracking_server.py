@@ -67,8 +67,8 @@ def test_training_logs_to_a_tracking_server_and_survives_its_loss(tmp_path, ray_
                                                                    monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from cluster.launch import launch, run_paths
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.driver.launch import launch, run_paths
+    from trainer.checkpoint.store import CheckpointStore
 
     cfg = tiny_config(tmp_path, "served", [f"tracking.uri={mlflow_server.uri}", "tracking.flush_timeout_s=3"])
     monkeypatch.setenv("DIP_FAULT_STEP_SLEEP_S", "0.4")  # room for the server to vanish mid-run

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.slow
 def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, monkeypatch):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from cluster.launch import launch, plan_resume
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.commands import export
+    from cluster.driver.launch import launch, plan_resume
+    from trainer.checkpoint.store import CheckpointStore
+    from cluster.cli.export import export
     from trainer.model_io import load_sampling_model
 
     cfg = tiny_config(tmp_path, "e2e", ["train.max_steps=8", "checkpoint.keep=1", "checkpoint.async_save=true",
@@ -94,9 +94,9 @@ def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypat
     import numpy as np
     from PIL import Image
 
-    from cluster.cli import main
-    from trainer.sample_cmd import sample_pixels
-    from trainer.step_metrics import flops_per_image
+    from cluster.cli.main import main
+    from cluster.cli.sample import sample_pixels
+    from trainer.loop.step_metrics import flops_per_image
 
     run_id, uri = summary.mlflow_run_id, summary.tracking_uri
     # live MFU: achieved TFLOP/s per device = the run's counted FLOPs x its measured images/s / 2 workers;
@@ -152,9 +152,9 @@ def test_a_shard_truncated_mid_run_costs_its_samples_not_the_run(tmp_path, ray_c
     import threading
     import time
 
-    from cluster.cli import main as dip
-    from cluster.launch import launch, run_paths
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.cli.main import main as dip
+    from cluster.driver.launch import launch, run_paths
+    from trainer.checkpoint.store import CheckpointStore
 
     shards = tmp_path / "shards"
     assert dip(["data", "shard", "--src", "synthetic", "--num-images", "48", "--classes", "4", "--resolution", "16",

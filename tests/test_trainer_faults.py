@@ -30,7 +30,7 @@ GRACE_S = 30  # SIGTERM to SIGKILL: Kubernetes' default; what `dip jobs stop` gi
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ray_cluster, request):  # noqa: F811
     """The uninterrupted run of each ZeRO stage, computed once (ZeRO-2's and ZeRO-3's once per session)."""
-    from cluster.launch import launch
+    from cluster.driver.launch import launch
 
     def get(stage: int):
         if stage in (2, 3):
@@ -46,7 +46,7 @@ def reference(tmp_path_factory, ray_cluster, request):  # noqa: F811
 
 
 def _assert_same_training(run, ref) -> None:
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     assert run.status == "FINISHED" and run.steps == ref.steps == 12
     run_store, ref_store = CheckpointStore(run.checkpoint_dir), CheckpointStore(ref.checkpoint_dir)
@@ -64,7 +64,7 @@ def _assert_same_training(run, ref) -> None:
 
 def _kill_when_committed(store_dir: str, step: int, pid_file: str, delay_s: float, fired: list) -> threading.Thread:
     """From outside the worker: SIGKILL the process in pid_file shortly after step-N is committed."""
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     def watch():
         store = CheckpointStore(store_dir)
@@ -85,8 +85,8 @@ def _kill_when_committed(store_dir: str, step: int, pid_file: str, delay_s: floa
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(stage, tmp_path, reference, monkeypatch):
-    from cluster.launch import launch
-    from trainer.checkpoint_store import CheckpointStore
+    from cluster.driver.launch import launch
+    from trainer.checkpoint.store import CheckpointStore
 
     ref = reference(stage)
     faults = tmp_path / "faults"
@@ -100,7 +100,7 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
     watcher, fired = None, []
     if stage == 2:  # killed from outside, by pid, at whatever moment the kill lands
         monkeypatch.setenv("DIP_FAULT_STEP_SLEEP_S", "0.5")
-        from cluster.launch import run_paths
+        from cluster.driver.launch import run_paths
 
         watcher = _kill_when_committed(run_paths(cfg).checkpoint_uri, 4, str(faults / "rank-1.pid"), 0.2, fired)
     else:  # killed by itself, right after optimizer step 6
@@ -120,9 +120,9 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
 def _start_driver(tmp_path, cfg, extra_env: dict):
     """`dip train` in its own process (its own local Ray), slowed down and with a never-ending eval;
     returns once step-4 is committed."""
-    from cluster.launch import run_paths
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.config import to_dict
+    from cluster.driver.launch import run_paths
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.config.sections import to_dict
 
     config_file = tmp_path / f"{cfg.run_name}.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
@@ -142,7 +142,7 @@ def _start_driver(tmp_path, cfg, extra_env: dict):
 def _mlflow_status(cfg, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from cluster.launch import run_paths
+    from cluster.driver.launch import run_paths
 
     return MlflowClient(tracking_uri=run_paths(cfg).tracking_uri).get_run(run_id).info.status
 
@@ -151,8 +151,8 @@ def test_sigterm_to_the_driver_checkpoints_stops_and_a_rerun_resumes(tmp_path, r
     """Driver side: SIGTERM asks the workers to checkpoint and stop. Within the grace period before the
     SIGKILL that follows it (an eval still in flight), the checkpoint, the model card and the MLflow
     run's end status all land; the same command resumes it."""
-    from cluster.launch import launch
-    from trainer.checkpoint import load_train_state
+    from cluster.driver.launch import launch
+    from trainer.checkpoint.manager import load_train_state
 
     ref = reference(2)
     cfg = tiny_config(tmp_path, "stopped")
@@ -183,7 +183,7 @@ def test_sigterm_to_the_driver_checkpoints_stops_and_a_rerun_resumes(tmp_path, r
 def test_a_second_ctrl_c_aborts_at_once_with_an_eval_in_flight(tmp_path):
     """The first Ctrl-C asks for a checkpoint and a stop; a second one, while the workers are still at
     it, aborts: no wait for the eval (before: up to 600 s), the MLflow run ends KILLED, exit code 130."""
-    from trainer.checkpoint import load_train_state
+    from trainer.checkpoint.manager import load_train_state
 
     cfg = tiny_config(tmp_path, "aborted")
     driver, store = _start_driver(tmp_path, cfg, {})

@@ -10,10 +10,10 @@ pytestmark = pytest.mark.slow
 def test_a_zero2_run_of_two_workers_resumes_on_one_when_the_global_batch_is_kept(tmp_path, ray_cluster):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from cluster.launch import launch, plan_resume
-    from trainer.checkpoint import load_train_state
-    from trainer.checkpoint_store import CheckpointStore
-    from trainer.zero_state import ZeroCheckpoint
+    from cluster.driver.launch import launch, plan_resume
+    from trainer.checkpoint.manager import load_train_state
+    from trainer.checkpoint.store import CheckpointStore
+    from trainer.checkpoint.repartition import ZeroCheckpoint
 
     first = launch(tiny_config(tmp_path, "by-hand", ["train.max_steps=4"]))  # 2 workers x micro-batch 2
     assert first.status == "FINISHED" and first.steps == 4

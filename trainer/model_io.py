@@ -49,7 +49,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiPConfig:
 
 def committed_step(step_dir: str):
     """(CheckpointStore of its parent, N) when step_dir is a step-N/ with a COMMITTED marker, else None."""
-    from trainer.checkpoint_store import MARKER, CheckpointStore  # the trainer decides what "committed" means
+    from trainer.checkpoint.store import MARKER, CheckpointStore  # the trainer decides what "committed" means
 
     match = _STEP_DIR.match(os.path.basename(os.path.normpath(step_dir)))
     if not match or not os.path.isfile(os.path.join(step_dir, MARKER)):
@@ -80,7 +80,7 @@ def resolve_checkpoint_path(path: str) -> str:
     if os.path.isfile(file):
         verify_committed(os.path.dirname(file), [os.path.basename(file)])
         return file
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(path)
     step = store.latest_committed(warn=True, deep=True, only=[EMA_FILE])
@@ -117,7 +117,7 @@ def _model_config(checkpoint: dict) -> DiPConfig:
 
 def trained_with(step_dir: str) -> dict:
     """What a committed step's train_state.pt records about its run: {"resolution": N}, or {}."""
-    from trainer.checkpoint_store import TRAIN_STATE  # the trainer owns the checkpoint layout
+    from trainer.checkpoint.store import TRAIN_STATE  # the trainer owns the checkpoint layout
 
     path = os.path.join(step_dir, TRAIN_STATE)
     if not os.path.isfile(path):

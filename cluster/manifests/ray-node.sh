@@ -9,7 +9,7 @@
 # limit) announce the end of a node with SIGTERM. A bare `ray start --block` would just die, and the
 # training run would fall back to its last periodic checkpoint. Here SIGTERM instead:
 #   1. drains this node in Ray with reason PREEMPTION and a deadline (`ray drain-node`): Ray Train
-#      tells the workers (ray.train.get_preemption_info), and trainer/worker.py writes a committed
+#      tells the workers (ray.train.get_preemption_info), and trainer/loop/worker.py writes a committed
 #      just-in-time checkpoint at its next stop check, then keeps training until the deadline;
 #   2. waits DIP_PREEMPT_GRACE_S seconds (keep it below the scheduler's kill timeout:
 #      terminationGracePeriodSeconds on Kubernetes, the --signal lead time on Slurm);

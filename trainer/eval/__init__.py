@@ -10,7 +10,7 @@ and a Ray actor pool that evaluates committed checkpoints beside the training wo
     local.py       the single-process evaluation (the pool's reference)
     pool.py        EvalPool: Ray actors, non-blocking submit/poll, fault-tolerant chunks
     tracking.py    logging an EvalResult to MLflow at its checkpoint's step
-    commands.py    `dip eval ref-stats | fid | run`
+    hook.py        the driver-side hook: hands each committed checkpoint to the pool, logs results
 
 Imports are lazy so that `import trainer.eval` (e.g. by the CLI) costs nothing.
 """

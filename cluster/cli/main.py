@@ -13,14 +13,14 @@ import argparse
 import importlib
 import sys
 
-# (module, why it lives there). Order is the order shown by `dip --help`.
+# One module per subcommand group. Order is the order shown by `dip --help`.
 COMMAND_MODULES = (
-    "data.commands",          # dip data shard
-    "cluster.train_cmd",      # dip train
-    "trainer.sample_cmd",     # dip sample
-    "trainer.commands",       # dip export
-    "trainer.eval.commands",  # dip eval ...
-    "cluster.commands",       # dip submit / jobs / plan
+    "cluster.cli.data",    # dip data shard
+    "cluster.cli.train",   # dip train
+    "cluster.cli.sample",  # dip sample
+    "cluster.cli.export",  # dip export
+    "cluster.cli.eval",    # dip eval ref-stats | fid | run
+    "cluster.cli.jobs",    # dip submit / jobs / plan
 )
 
 

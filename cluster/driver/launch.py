@@ -1,7 +1,7 @@
 """The driver of a training run: Ray start/attach, resume planning, MLflow run, TorchTrainer.fit.
 
 The driver owns nothing heavy: the config, the MLflow run, the checkpoint directory's listing and
-(when enabled) the eval pool. Workers do all the training (trainer/worker.py).
+(when enabled) the eval pool. Workers do all the training (trainer/loop/worker.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 
-from trainer.checkpoint_store import CheckpointStore, step_name
-from trainer.config import TrainConfig, config_hash, flatten, resume_incompatibilities, to_dict, to_yaml
+from trainer.checkpoint.store import CheckpointStore, step_name
+from trainer.config.sections import TrainConfig, config_hash, flatten, resume_incompatibilities, to_dict, to_yaml
 
 log = logging.getLogger("dip.launch")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ class RunPaths:
 
 
 def run_paths(cfg: TrainConfig) -> RunPaths:
-    from trainer.tracking import resolve_uri
+    from trainer.tracking.run_logger import resolve_uri
 
     run_dir = cfg.run_dir
     if cfg.checkpoint.path:
@@ -61,8 +61,8 @@ class ResumePlan:
 def plan_resume(cfg: TrainConfig, store: CheckpointStore) -> ResumePlan:
     """Decide, before any worker starts, whether this run continues a checkpoint, and refuse clearly
     when it cannot (a different model shape, ZeRO stage or global batch). Another world size is fine:
-    the workers re-partition the ZeRO state and the data (trainer.checkpoint)."""
-    from trainer.checkpoint import load_train_state
+    the workers re-partition the ZeRO state and the data (trainer.checkpoint.manager)."""
+    from trainer.checkpoint.manager import load_train_state
 
     # every file's checksum, as the workers will check it before loading (an altered newest checkpoint
     # is named in a warning here and the previous one planned, as they will do)
@@ -259,7 +259,7 @@ def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
 
 def open_tracking(run: PreparedRun):
     """The run's MLflow run (reopened on resume) and the driver's background logger."""
-    from trainer.tracking import RunLogger, git_commit, open_run
+    from trainer.tracking.run_logger import RunLogger, git_commit, open_run
 
     cfg = run.cfg
     tags = {"git_commit": git_commit(REPO_ROOT), "zero_stage": str(cfg.train.zero_stage),
@@ -279,14 +279,14 @@ def build_trainer(run: PreparedRun, run_id: str):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.worker import train_loop_per_worker
+    from trainer.loop.worker import train_loop_per_worker
 
     cfg, paths = run.cfg, run.paths
     scaling = {"num_workers": cfg.cluster.num_workers, "use_gpu": cfg.cluster.use_gpu,
                "resources_per_worker": {"CPU": cfg.cluster.cpus_per_worker}}
     callbacks = []
     if cfg.cluster.elastic:
-        from cluster.elastic import checkpoint_before_grow
+        from cluster.driver.elastic import checkpoint_before_grow
 
         scaling["elastic_resize_monitor_interval_s"] = cfg.cluster.resize_check_s
         hook = checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s)
@@ -336,9 +336,9 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
     prepare -> track -> start Ray -> fit (with the eval pool) -> close everything in `finally`."""
     import ray
 
-    from trainer.eval_hook import EvalHook
-    from trainer.logged_model import log_final_model
-    from trainer.tracking import finish_run
+    from trainer.eval.hook import EvalHook
+    from trainer.tracking.logged_model import log_final_model
+    from trainer.tracking.run_logger import finish_run
 
     started = time.monotonic()
     run = prepare_run(cfg, echo)
@@ -352,7 +352,7 @@ def launch(cfg: TrainConfig, echo=_echo) -> RunSummary:
         result, stop_requested = fit_until_done(build_trainer(run, run_id), stopper, eval_hook)
         metrics = dict(result.return_value or {}) if result is not None else {}
         if metrics.get("failed"):  # the workers stopped it (e.g. diverged): FAILED, with their reason
-            from cluster.cli import TrainingFailed
+            from cluster.cli.main import TrainingFailed
 
             raise TrainingFailed(metrics["failed"])
         status = "STOPPED" if (metrics.get("stopped") or stop_requested) else "FINISHED"

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.config import REPA_TINY, TrainConfig
-from trainer.mfu import mfu_report
+from trainer.config.sections import REPA_TINY, TrainConfig
+from trainer.tracking.mfu import mfu_report
 
 
 def flops_per_image(cfg: TrainConfig) -> float:
@@ -23,7 +23,7 @@ def flops_per_image(cfg: TrainConfig) -> float:
     if cfg.objective.repa_enabled:
         from models.repa import DINOv2Encoder, TinyEncoder
 
-        # the architecture trainer.engine builds (weights do not change FLOPs, so none are loaded)
+        # the architecture trainer.loop.engine builds (weights do not change FLOPs, so none are loaded)
         with torch.device("meta"):
             encoder = TinyEncoder() if cfg.objective.repa_encoder == REPA_TINY else DINOv2Encoder()
         tokens = (resolution // model_config.patch_size) ** 2
@@ -61,7 +61,7 @@ class IntervalMeter:
     def figures(self, images_per_step: int, flops_per_img: float | None, device_name: str | None,
                 world_size: int) -> dict[str, float]:
         """Per-interval figures. With flops_per_img: `tflops_per_s` (achieved, per device) and, where
-        the device kind has a known peak (trainer.mfu; not a CPU), `mfu` and `mfu_practical`: absent,
+        the device kind has a known peak (trainer.tracking.mfu; not a CPU), `mfu` and `mfu_practical`: absent,
         never zero or made up, where there is none."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         images_per_s = images_per_step * self.steps / elapsed

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.cli import add_config_arguments
+from cluster.cli.main import add_config_arguments
 
 
 def register(subparsers) -> None:
@@ -21,15 +21,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trainer.config import load_config, to_yaml
+    from trainer.config.sections import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
         print(f"# {cfg.batch_arithmetic()}")
         print(to_yaml(cfg), end="")
         return 0
-    from cluster.launch import launch
-    from trainer.worker import configure_logging
+    from cluster.driver.launch import launch
+    from trainer.loop.worker import configure_logging
 
     configure_logging()  # the driver's own lines too: eval results, checkpoint notices
     try:

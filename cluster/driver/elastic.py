@@ -5,7 +5,7 @@ Ray starts as many workers as fit (at least min); when a worker or its node dies
 group with the workers that still fit (a FailureConfig retry), and while the group is healthy it
 checks every `cluster.resize_check_s` whether more would fit now, and if so restarts it bigger.
 Every restart resumes from the newest committed checkpoint on the new world size
-(trainer.checkpoint.CheckpointManager).
+(trainer.checkpoint.manager.CheckpointManager).
 
 A shrink follows a loss, so the steps since the last checkpoint are lost once, as with any crash. A
 grow is Ray's decision on a healthy group, and Ray's restart would throw those steps away a second
@@ -63,7 +63,7 @@ def checkpoint_before_grow(checkpoint_uri: str, timeout_s: float, poll_s: float 
 
         def checkpoint_now(self, to_workers: int) -> int | None:
             """Ask for a checkpoint and wait until it is committed; returns its step (None: timed out)."""
-            from trainer.checkpoint_store import CheckpointStore
+            from trainer.checkpoint.store import CheckpointStore
 
             store = CheckpointStore(self.checkpoint_uri)
             store.request_resize(to_workers)

@@ -131,7 +131,7 @@ class TrainSection:
     stop_check_every: int = 10             # poll for a stop request / preemption notice every N steps
     # a step whose loss (any micro-batch, any rank) or gradient norm is NaN/Inf is skipped on every rank
     # (no weight, optimizer, LR or EMA update; counted: MLflow `nonfinite_steps`). This many in a row
-    # roll back to the last committed checkpoint and skip the data since it (trainer/nonfinite.py)
+    # roll back to the last committed checkpoint and skip the data since it (trainer/loop/nonfinite.py)
     nonfinite_patience: int = 3
     max_rollbacks: int = 2                 # rollbacks per run; one more stops the run (FAILED, checkpoint kept)
 

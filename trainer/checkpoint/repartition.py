@@ -33,7 +33,7 @@ _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 def load_weights_only(path: str, mmap: bool = True):
     """torch.load with weights_only=True and the DeepSpeed classes its files hold allow-listed."""
-    from trainer.checkpoint import deepspeed_safe_globals
+    from trainer.checkpoint.deepspeed_io import deepspeed_safe_globals
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

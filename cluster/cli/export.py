@@ -30,7 +30,7 @@ def resolve_step_dir(path: str, reads: list[str] | None = None) -> tuple[str, in
     incomplete. The files in `reads` (None: every file) must also match the checksums the marker
     recorded: an altered step-N/ named explicitly is refused; in a checkpoints dir it is skipped with a
     warning for the previous one."""
-    from trainer.checkpoint_store import CheckpointStore
+    from trainer.checkpoint.store import CheckpointStore
 
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -62,7 +62,7 @@ def consolidated_model_weights(step_dir: str) -> dict:
 def export(checkpoint: str, out: str, official: bool = False, weights: str = "ema") -> str:
     import torch
 
-    from trainer.checkpoint_store import EMA_FILE, TRAIN_STATE
+    from trainer.checkpoint.store import EMA_FILE, TRAIN_STATE
     from trainer.model_io import TRAINED_WITH, trained_with
 
     # the EMA export reads ema.pt and train_state.pt; the raw weights come from every ZeRO shard

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from trainer.checkpoint_store import EMA_FILE, CheckpointStore
+from trainer.checkpoint.store import EMA_FILE, CheckpointStore
 
 log = logging.getLogger("dip.tracking")
 

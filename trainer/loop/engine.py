@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.config import BatchSplit, TrainConfig
-from trainer.nonfinite import guard_plain_optimizer
+from trainer.config.sections import BatchSplit, TrainConfig
+from trainer.loop.nonfinite import guard_plain_optimizer
 
 
 class DiffusionObjective(nn.Module):
@@ -103,6 +103,6 @@ def build_engine(cfg: TrainConfig, module: DiffusionObjective, split: BatchSplit
     optimizer, scheduler = build_optimizer(module, cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, split), dist_init_required=False)
-    guard_plain_optimizer(engine)  # a non-finite step is skipped under every ZeRO stage (trainer.nonfinite)
+    guard_plain_optimizer(engine)  # a non-finite step is skipped under every ZeRO stage (trainer.loop.nonfinite)
     module.move_frozen_encoder(engine.device)
     return engine

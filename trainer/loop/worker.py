@@ -1,13 +1,13 @@
 """The per-worker training loop: one of these runs on every Ray Train rank.
 
 Each rank builds the same DiP (same seed), wraps it in a DeepSpeed engine, streams its share of
-the shards, and steps. Every rank keeps the EMA of what it holds (trainer.training_ema: all of it on
+the shards, and steps. Every rank keeps the EMA of what it holds (trainer.loop.training_ema: all of it on
 rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to MLflow through a
 background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global
-batch for this world size -> build model, engine, loader -> resume (trainer.checkpoint.CheckpointManager:
+batch for this world size -> build model, engine, loader -> resume (trainer.checkpoint.manager.CheckpointManager:
 the newest committed checkpoint, written at this world size or another) -> loop (step, log, save,
 grid) -> close. A step with a NaN/Inf loss or gradient norm is skipped on every rank; too many in
-a row roll the run back to its last committed checkpoint (trainer.nonfinite, `roll_back`).
+a row roll the run back to its last committed checkpoint (trainer.loop.nonfinite, `roll_back`).
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ import torch.distributed as dist
 
 from data.records import to_pm1
 from trainer import faults
-from trainer.checkpoint import CheckpointManager, Resumed, RunIdentity, TrainProgress
-from trainer.checkpoint_store import CheckpointStore, step_name
-from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
-from trainer.mfu import device_name
-from trainer.nonfinite import NonFiniteStreak, StepGuard, nonfinite_loss_scale
-from trainer.rng import keyed_draws, seed_everything
-from trainer.step_metrics import IntervalMeter, compute_text, flops_per_image, peak_memory_mb
-from trainer.tracking import start_system_metrics
+from trainer.checkpoint.manager import CheckpointManager, Resumed, RunIdentity, TrainProgress
+from trainer.checkpoint.store import CheckpointStore, step_name
+from trainer.config.sections import TrainConfig, config_from_dict, config_hash, to_dict
+from trainer.tracking.mfu import device_name
+from trainer.loop.nonfinite import NonFiniteStreak, StepGuard, nonfinite_loss_scale
+from trainer.loop.rng import keyed_draws, seed_everything
+from trainer.loop.step_metrics import IntervalMeter, compute_text, flops_per_image, peak_memory_mb
+from trainer.tracking.run_logger import start_system_metrics
 
 log = logging.getLogger("dip.train")
 
@@ -94,8 +94,8 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
         from data import build_dataloader
-        from trainer.engine import build_engine, build_objective_module
-        from trainer.training_ema import build_training_ema
+        from trainer.loop.engine import build_engine, build_objective_module
+        from trainer.loop.training_ema import build_training_ema
 
         cfg = self.cfg
         faults.record_pid(self.rank)
@@ -124,7 +124,7 @@ class TrainingRun:
         self.resumed = resumed is not None
         self.tracker = None
         if self.is_main and self.ctx.mlflow_run_id:
-            from trainer.tracking import RunLogger
+            from trainer.tracking.run_logger import RunLogger
 
             self.tracker = RunLogger(self.ctx.tracking_uri, self.ctx.mlflow_run_id)
         if self.is_main:
@@ -170,7 +170,7 @@ class TrainingRun:
     def train_step(self) -> tuple[torch.Tensor, float, bool]:
         """One optimizer step over this rank's micro-batches. Returns (mean loss, data-wait seconds,
         applied); applied is False, on every rank alike, when a loss or the gradient norm was not finite:
-        then nothing was updated, EMA included (trainer.nonfinite)."""
+        then nothing was updated, EMA included (trainer.loop.nonfinite)."""
         data_wait = 0.0
         losses = []
         guard = StepGuard(self.engine)
@@ -318,7 +318,7 @@ class TrainingRun:
 
     def make_grid(self, name: str) -> str | None:
         """Collective (ZeRO-3 gathers the EMA for it): every rank calls it; rank 0 draws and saves."""
-        from trainer.sample_grid import sample_grid, save_grid
+        from trainer.loop.sample_grid import sample_grid, save_grid
 
         model = self.ema.sampling_module()
         if not self.is_main:

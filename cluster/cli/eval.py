@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from trainer.sample_cmd import parse_interval
+from cluster.cli.sample import parse_interval
 
 IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the Inception Score is not computed"
 
@@ -90,7 +90,7 @@ def _progress(total: int, desc: str):
 
 
 def _ref_stats(args) -> int:
-    from .datasets import DatasetRequest, build_reference
+    from trainer.eval.datasets import DatasetRequest, build_reference
 
     request = DatasetRequest(data=args.data, num_samples=args.num_samples, image_size=args.image_size,
                              num_classes=args.num_classes, seed=args.seed, start=args.start,
@@ -104,9 +104,9 @@ def _ref_stats(args) -> int:
 
 
 def _fid(args) -> int:
-    from .images import ImageSet
-    from .inception import InceptionFeatures, extract_features
-    from .metrics import GaussianStats, frechet_distance, precision_recall
+    from trainer.eval.images import ImageSet
+    from trainer.eval.inception import InceptionFeatures, extract_features
+    from trainer.eval.metrics import GaussianStats, frechet_distance, precision_recall
 
     extractor = None
     device = _device(args.device)
@@ -138,7 +138,7 @@ def _stats_file(path: str):
     """(pool stats, spatial stats or None, None) for a statistics .npz with mu/sigma, else None."""
     import numpy as np
 
-    from .metrics import GaussianStats
+    from trainer.eval.metrics import GaussianStats
 
     if not path.endswith(".npz"):
         return None
@@ -154,8 +154,8 @@ def _run(args) -> int:
 
     from trainer.model_io import checkpoint_facts
 
-    from .pool import EvalPool
-    from .spec import SamplingSpec
+    from trainer.eval.pool import EvalPool
+    from trainer.eval.spec import SamplingSpec
 
     image_size, num_classes = args.image_size, args.num_classes
     if image_size is None or os.path.exists(args.checkpoint):  # else only the cluster's nodes can read it
