@@ -27,7 +27,7 @@ XL16_PARAMS = 630_848_931  # `dip plan configs/dip_xl16_256.yaml`
 
 
 def _config(model: str, stage: int):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     return config_from_dict({"model": {"name": model, "num_classes": 10},
                              "data": {"resolution": 32, "batch_size": 1, "path": "synthetic"},

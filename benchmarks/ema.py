@@ -113,7 +113,7 @@ def _rank(rank: int, port: int, model: str, precision: str, steps: int, queue) -
     import torch.distributed as dist
 
     from models.ema import EMA
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_engine, build_objective_module
     from trainer.loop.training_ema import ShardedEMA, gathered_update
 
@@ -197,7 +197,7 @@ def measure(model: str, precision: str, steps: int) -> None:
 def on_paper(gpus: int = 8) -> None:
     """DiP-XL/16 (the paper's config) on `gpus` GPUs in bf16: the same accounting, arithmetic only."""
     from cluster.plan import count_parameters
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _, params, _, _ = count_parameters(load_config(os.path.join(root, "configs", "dip_xl16_256.yaml")))

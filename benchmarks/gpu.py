@@ -96,7 +96,7 @@ def init_single_process_group(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def train_config(model_name: str, resolution: int, batch: int, precision: str):
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     return load_config(BASE_CONFIG, [f"model.name={model_name}", f"data.resolution={resolution}",
                                      f"data.batch_size={batch}", "data.path=synthetic", "train.zero_stage=2",

@@ -80,7 +80,7 @@ def concurrent_bare_step_time(args: tuple, copies: int = 2) -> tuple[float, floa
 
 def run_config(root: str, name: str, overrides: list[str]):
     """The measured run: DiP-T/16 on synthetic MDS shards, 2 workers x ZeRO-2 fp32, EMA on rank 0."""
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     base = {
         "run_name": name, "output_dir": os.path.join(root, "runs"),
@@ -156,7 +156,7 @@ def _init_gloo(rank: int, world: int, port: int) -> None:
 def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: str) -> None:
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.worker import TrainingRun, WorkerContext
 
     class TimedRun(TrainingRun):
@@ -188,10 +188,10 @@ def no_ray_step_time(root: str, name: str, overrides: list[str]) -> tuple[float,
     shards, EMA) on as many plain torch.distributed gloo processes, without Ray: splits the overhead into
     Ray's part and the rest. (median wall s, median CPU s of rank 0) per step, as trainer_step_time."""
     from data import prepare_dataset
-    from trainer.config.sections import to_dict
+    from trainer.config import to_dict
 
     cfg = run_config(root, name, overrides)
-    cfg = dataclasses.replace(cfg, data=prepare_dataset(cfg.data, os.path.join(root, "data")))
+    cfg = cfg.replace(data=prepare_dataset(cfg.data, os.path.join(root, "data")))
     run_dir = os.path.join(root, "no-ray", name)
     os.makedirs(run_dir, exist_ok=True)
     return _spawn(_no_ray_rank, (to_dict(cfg), run_dir), world=cfg.cluster.num_workers)

@@ -345,7 +345,7 @@ def _max_micro_batch(budget: int, per_image: int) -> int:
 
 
 def make_plan(cfg, hardware: Hardware, config_name: str = "") -> Plan:
-    """The memory plan of a `trainer.config.sections.TrainConfig` on `hardware`, for ZeRO stages 0-3."""
+    """The memory plan of a `trainer.config.TrainConfig` on `hardware`, for ZeRO stages 0-3."""
     trainable, denoiser, frozen, largest_module = count_parameters(cfg)
     model_cfg = cfg.model.dip_config()
     precision = cfg.train.precision
@@ -466,8 +466,8 @@ def format_elastic_ends(cfg, hardware: Hardware) -> str:
     lines = [f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers, global batch {cfg.global_batch}"]
     for workers in sorted({cfg.cluster.min_workers, cfg.cluster.max_workers}):
         split = cfg.batch_split(workers)
-        at = replace(cfg, data=cfg.data.replace(batch_size=split.micro_batch),
-                     train=replace(cfg.train, grad_accum=split.grad_accum))
+        at = cfg.replace(data=cfg.data.replace(batch_size=split.micro_batch),
+                         train=cfg.train.replace(grad_accum=split.grad_accum))
         stage = make_plan(at, replace(hardware, gpus=workers)).stage(cfg.train.zero_stage)
         verdict = "fits" if stage.fits else "DOES NOT FIT"
         lines.append(f"  at {workers} worker(s): {split.describe()}; ZeRO-{cfg.train.zero_stage} needs "

@@ -357,7 +357,7 @@ class SubmitResult:
 def prepare(request: SubmitRequest):
     """Every check that needs no cluster. Returns (cfg, entrypoint, runtime_env, metadata)."""
     from cluster.driver.launch import run_paths
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     cfg = load_config(request.config, request.overrides)
     config_rel = relative_config_path(request.config, request.project_root)

@@ -2,7 +2,7 @@
 import pytest
 
 from tests.test_trainer_support import TINY
-from trainer.config.sections import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
+from trainer.config import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
 
 
 def _cfg(*overrides: str):

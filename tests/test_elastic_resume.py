@@ -32,7 +32,7 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict(TINY)
     return prepare_dataset(cfg.data, str(tmp_path_factory.mktemp("elastic-data"))).path
@@ -44,7 +44,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     rank, where the collective that consolidates it runs."""
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.worker import TrainingRun, WorkerContext
     from trainer.checkpoint.repartition import consolidated_engine_state
 

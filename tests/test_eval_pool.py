@@ -187,7 +187,7 @@ def test_a_reference_built_by_the_pool_equals_the_reference_file(ray_cluster, re
 
 
 def _hook_config(tmp_path, reference_path, overrides=()):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     raw = {"run_name": "hooked", "output_dir": str(tmp_path / "runs"), "model": {"num_classes": 10},
            "data": {"resolution": IMAGE_SIZE}, "checkpoint": {"every_steps": 4, "keep": 1},

@@ -138,7 +138,7 @@ def reference(zero2_reference):
     The submitted jobs below are the same config (quickstart + _tiny == tests.test_trainer_support.TINY,
     checked here), so on any cluster layout they must end bit-identical to it."""
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.config.sections import config_from_dict, load_config, to_dict
+    from trainer.config import config_from_dict, load_config, to_dict
     from tests.test_trainer_support import TINY
 
     submitted = to_dict(load_config(os.path.join(REPO, "configs", "quickstart_cpu.yaml"), _tiny("ref2", "x")))

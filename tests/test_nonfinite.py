@@ -49,7 +49,7 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
     (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs."""
     import torch
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.worker import TrainingRun, WorkerContext
 
     def changed(a: dict, b: dict) -> list[str]:
@@ -76,7 +76,7 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     return prepare_dataset(config_from_dict(TINY).data, str(tmp_path_factory.mktemp("nonfinite-data"))).path
 

@@ -8,7 +8,7 @@ import pytest
 from cluster.plan import (GiB, Hardware, activation_breakdown, count_parameters, format_plan, make_plan,
                           model_states, parse_size)
 from models.registry import dip_config
-from trainer.config.sections import load_config
+from trainer.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.yaml") for name in ("dip_xl16_256", "dip_xl32_512", "dip_xl64_1024")}

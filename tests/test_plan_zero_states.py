@@ -48,7 +48,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_engine, build_objective_module
     from trainer.loop.training_ema import build_training_ema
 
@@ -104,7 +104,7 @@ def measured(request, tmp_path_factory):
 
 def _plan_states(precision: str, stage: int):
     from cluster.plan import count_parameters, model_states
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict({"model": {"name": MODEL, "num_classes": 10}, "data": {"resolution": 32},
                             "train": {"precision": precision}})

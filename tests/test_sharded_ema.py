@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict(TINY)
     return prepare_dataset(cfg.data, str(tmp_path_factory.mktemp("sharded-ema-data"))).path
@@ -50,7 +50,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     """One rank: resume from store_dir if it holds a checkpoint, step to `until` beside the gathered
     reference, save at `save_at`."""
     from models.ema import EMA
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_objective_module
     from trainer.loop.training_ema import ShardedEMA, gathered_update
     from trainer.loop.worker import TrainingRun, WorkerContext

@@ -122,7 +122,7 @@ def _start_driver(tmp_path, cfg, extra_env: dict):
     returns once step-4 is committed."""
     from cluster.driver.launch import run_paths
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.config.sections import to_dict
+    from trainer.config import to_dict
 
     config_file = tmp_path / f"{cfg.run_name}.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))

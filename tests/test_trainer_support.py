@@ -24,7 +24,7 @@ TINY = {
 
 
 def tiny_config(tmp_path, run_name: str, overrides: list[str] = ()):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     raw = {**TINY, "run_name": run_name, "output_dir": str(tmp_path / "runs")}
     # every run of a test shares one synthetic cache: prepared once, read by all

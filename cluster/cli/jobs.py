@@ -206,7 +206,7 @@ def _register_plan(subparsers) -> None:
 
 def run_plan(args) -> int:
     from cluster.plan import Hardware, format_elastic_ends, format_plan, make_plan, parse_size
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     gpus = cfg.cluster.max_workers if args.gpus is None else args.gpus

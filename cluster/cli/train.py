@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trainer.config.sections import load_config, to_yaml
+    from trainer.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.check:

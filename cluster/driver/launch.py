@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from trainer.checkpoint.store import CheckpointStore, step_name
-from trainer.config.sections import TrainConfig, config_hash, flatten, resume_incompatibilities, to_dict, to_yaml
+from trainer.config import TrainConfig, config_hash, flatten, resume_incompatibilities, to_dict, to_yaml
 
 log = logging.getLogger("dip.launch")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -25,7 +25,7 @@ from data.records import to_pm1
 from trainer import faults
 from trainer.checkpoint.manager import CheckpointManager, Resumed, RunIdentity, TrainProgress
 from trainer.checkpoint.store import CheckpointStore, step_name
-from trainer.config.sections import TrainConfig, config_from_dict, config_hash, to_dict
+from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
 from trainer.tracking.mfu import device_name
 from trainer.loop.nonfinite import NonFiniteStreak, StepGuard, nonfinite_loss_scale
 from trainer.loop.rng import keyed_draws, seed_everything
