@@ -63,18 +63,23 @@ def IntChoice(choices: tuple[int, ...]) -> Any:  # noqa: N802
     return Annotated[int, BeforeValidator(_not_a(bool, float)), AfterValidator(check)]
 
 
-class ConfigModel(BaseModel):
+class _OneLineErrors(type(BaseModel)):
+    """`Section(key=value)` raises the one-line error. On the metaclass, not in `__init__`: pydantic calls
+    an overridden `__init__` for every nested section too, which would translate each part on its own."""
+
+    def __call__(cls, *args: Any, **kwargs: Any):
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as err:
+            raise config_error(err, cls, cls.section) from None
+
+
+class ConfigModel(BaseModel, metaclass=_OneLineErrors):
     """A config section: strict keys, plain attribute access, equality by content, `replace()`."""
 
     model_config = ConfigDict(extra="forbid")
     # the key path prefix of this section's fields when it is built on its own ("data" -> data.format)
     section: ClassVar[str] = ""
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as err:
-            raise config_error(err, type(self), type(self).section) from None
 
     @classmethod
     def from_dict(cls, values: Any):
@@ -100,7 +105,9 @@ _WHOLE_SEQUENCE_ERRORS = ("missing", "too_short", "too_long")
 def config_error(err: ValidationError, root: type[BaseModel], prefix: str = "") -> ValueError:
     """The first problem of `err` (raised validating `root`) as the project's one-line ValueError."""
     errors = err.errors(include_url=False)
-    return ValueError(_explain(errors[0], root, prefix))
+    more = len(errors) - 1  # one line still: the first problem in full, the others counted
+    return ValueError(_explain(errors[0], root, prefix) + (f" ({more} more problem{'s' * (more > 1)} after this one)"
+                                                          if more else ""))
 
 
 def unknown_key_message(key: str, where: str, valid: list[str]) -> str:
@@ -116,11 +123,11 @@ def _explain(error: dict, root: type[BaseModel], prefix: str) -> str:
     if kind in ("value_error", "assertion_error"):
         return str(ctx["error"])  # a cross-field rule: its message is written out in full
     if kind == "extra_forbidden":
-        where, model = _walk(root, loc[:-1], prefix)[:2]
-        return unknown_key_message(str(loc[-1]), where, list(model.model_fields))
+        where, section = _walk(root, loc[:-1], prefix)[:2]
+        return unknown_key_message(str(loc[-1]), where, list(section.model_fields))
     if kind in _WHOLE_SEQUENCE_ERRORS and loc and isinstance(loc[-1], int):
         loc = loc[:-1]  # a list of the wrong length: name the list, not its missing item
-    key, model, annotation, metadata = _walk(root, loc, prefix)
+    key, annotation, metadata = _walk(root, loc, prefix)
     if kind in _MAPPING_ERRORS:
         return f"{key} must be a mapping of keys to values, got {given!r}"
     if kind == "invalid":
@@ -130,9 +137,9 @@ def _explain(error: dict, root: type[BaseModel], prefix: str) -> str:
     return f"{key}={given!r} is not valid: expected {describe(annotation, metadata)}"
 
 
-def _walk(root: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, Any, Any, tuple]:
-    """(dotted key, innermost model, annotation, constraints) of an error location."""
-    key, model, annotation, metadata = prefix, root, root, ()
+def _walk(root: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, Any, tuple]:
+    """(dotted key, declared type, constraints) of an error location (a section's type is its model)."""
+    key, annotation, metadata = prefix, root, ()
     whole_union, ended_on_tag = None, False  # the union a trailing tag chose a branch of
     for part in loc:
         ended_on_tag = False
@@ -142,7 +149,6 @@ def _walk(root: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, Any, Any
             annotation, metadata = (args[part] if part < len(args) else Any), ()
             key = f"{key}[{part}]"
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel) and part in annotation.model_fields:
-            model = annotation
             field = annotation.model_fields[part]
             annotation, metadata = field.annotation, tuple(field.metadata)
             key = f"{key}.{part}" if key else str(part)
@@ -151,7 +157,7 @@ def _walk(root: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, Any, Any
             annotation, metadata = _union_branch(annotation, metadata, str(part))
     if ended_on_tag:
         annotation, metadata = whole_union  # the value itself is wrong: say every shape the key takes
-    return key, model, annotation, metadata
+    return key, annotation, metadata
 
 
 def _unwrap(annotation: Any, metadata: tuple = ()) -> tuple[Any, tuple]:
