@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from trainer.checkpoint.store import CheckpointStore, step_name
 from trainer.config import TrainConfig, config_hash, flatten, resume_incompatibilities, to_dict, to_yaml
@@ -254,7 +254,7 @@ def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     data_cfg = data.prepare_dataset(cfg.data, os.path.join(paths.run_dir, "data"))
-    return PreparedRun(cfg, replace(cfg, data=data_cfg), paths, store, plan)
+    return PreparedRun(cfg, cfg.replace(data=data_cfg), paths, store, plan)
 
 
 def open_tracking(run: PreparedRun):
