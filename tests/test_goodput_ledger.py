@@ -135,3 +135,17 @@ def test_an_unknown_cause_is_one_clear_error():
     book = GoodputLedger(1)
     with pytest.raises(ValueError, match="goodput cause 'evals' is not one of startup, data_wait"):
         book.add("evals", 1.0)
+
+
+def test_a_restart_with_no_checkpoint_to_resume_redoes_all_the_former_work():
+    clocks = FakeClocks()
+    first = ledger(clocks, world_size=1)
+    first.begin(process_start=clocks.wall(), previous=None, restored=None)
+    run_steps(first, clocks, 3, wait_s=0.0)
+    reported = first.state_dict(step=3)
+    clocks.now += 4.0
+    second = ledger(clocks, world_size=1)
+    second.begin(process_start=clocks.wall() - 1.0, previous=reported, restored=None)
+    assert second.productive_steps == 0 and second.lost_steps == 3
+    assert second.badput_s["lost_work"] == pytest.approx(3.0) and second.badput_s["recovery"] == pytest.approx(4.0)
+    assert_adds_up(second, wall_s=7.0)

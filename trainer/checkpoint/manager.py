@@ -90,10 +90,12 @@ class TrainProgress:
     resizes: int = 0          # world-size changes so far (each one is logged, numbered, in MLflow)
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (trainer.loop.nonfinite)
     rollbacks: int = 0        # returns to the last committed checkpoint after too many of them in a row
+    goodput: dict | None = None  # trainer.tracking.goodput's ledger state as of the save (rank 0's counts)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "samples_seen": self.samples_seen, "last_loss": self.last_loss,
-                "resizes": self.resizes, "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks}
+                "resizes": self.resizes, "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
+                "goodput": self.goodput}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
@@ -101,6 +103,8 @@ class TrainProgress:
         self.resizes = int(state.get("resizes", 0))
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
+        if "goodput" in state:  # a rollback's counters (no ledger) keep the restored checkpoint's
+            self.goodput = state["goodput"]
 
 
 @dataclass

@@ -111,9 +111,11 @@ class GoodputLedger:
         now_wall = self._wall()
         if previous is not None:
             self._load(previous)
-        if previous is not None and restored is not None:
-            redone_s = max(0.0, float(previous["productive_s"]) - float(restored["productive_s"]))
-            redone_steps = max(0, int(previous["productive_steps"]) - int(restored["productive_steps"]))
+        if previous is not None:  # no checkpoint restored: all the former work is redone
+            kept_s = float(restored["productive_s"]) if restored else 0.0
+            kept_steps = int(restored["productive_steps"]) if restored else 0
+            redone_s = max(0.0, float(previous["productive_s"]) - kept_s)
+            redone_steps = max(0, int(previous["productive_steps"]) - kept_steps)
             self.productive_s -= redone_s
             self.productive_steps -= redone_steps
             self.badput_s["lost_work"] += redone_s
