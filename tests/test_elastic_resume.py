@@ -1,6 +1,6 @@
 """Resuming ZeRO-1/2/3 on another world size, at the level of the training loop (no Ray).
 
-The trainer's own loop (trainer.loop.worker.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
+The trainer's own loop (trainer.loop.run.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
 CheckpointManager) runs in real gloo processes. For every ZeRO stage:
 * 2 -> 1: a 2-worker run saves at step 2; a 1-worker run resumes from it and saves at step 3;
 * 1 -> 2: a 2-worker run resumes that 1-worker checkpoint.
@@ -45,7 +45,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     import torch.distributed as dist
 
     from trainer.config import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.loop.run import TrainingRun, WorkerContext
     from trainer.checkpoint.repartition import consolidated_engine_state
 
     cfg = config_from_dict(cfg_dict)

@@ -50,7 +50,7 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
     import torch
 
     from trainer.config import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     def changed(a: dict, b: dict) -> list[str]:
         return sorted(k for k in a if not torch.equal(a[k], b[k]))  # NaN != NaN: a NaN anywhere counts

@@ -1,7 +1,7 @@
 """The driver of a training run: Ray start/attach, resume planning, MLflow run, TorchTrainer.fit.
 
 The driver owns nothing heavy: the config, the MLflow run, the checkpoint directory's listing and
-(when enabled) the eval pool. Workers do all the training (trainer/loop/worker.py).
+(when enabled) the eval pool. Workers do all the training (trainer/loop/run.py).
 """
 from __future__ import annotations
 
@@ -279,7 +279,7 @@ def build_trainer(run: PreparedRun, run_id: str):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.loop.worker import train_loop_per_worker
+    from trainer.loop.run import train_loop_per_worker
 
     cfg, paths = run.cfg, run.paths
     scaling = {"num_workers": cfg.cluster.num_workers, "use_gpu": cfg.cluster.use_gpu,
