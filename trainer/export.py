@@ -45,6 +45,7 @@ def consolidated_model_weights(step_dir: str) -> dict:
 
 
 def export(checkpoint: str, out: str, official: bool = False, weights: str = "ema") -> str:
+    """Write `checkpoint`'s weights to `out` (see the module's docstring); returns the step dir exported."""
     import torch
 
     from trainer.checkpoint.store import EMA_FILE, TRAIN_STATE
