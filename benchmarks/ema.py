@@ -1,6 +1,6 @@
 """The EMA update under ZeRO-3, before and after keeping it sharded: bytes moved and ms per step.
 
-Before (trainer.loop.training_ema.gathered_update, the old per-worker loop's path): every step, every rank
+Before (trainer.loop.training_ema.gathered_update, the old trainer/loop/worker.py path): every step, every rank
 gathers the whole denoiser so that rank 0 can lerp a whole fp32 EMA (models.ema.EMA). After
 (trainer.loop.training_ema.ShardedEMA.update): each rank lerps the fp32 EMA of its own partition.
 
@@ -196,7 +196,7 @@ def measure(model: str, precision: str, steps: int) -> None:
 
 def on_paper(gpus: int = 8) -> None:
     """DiP-XL/16 (the paper's config) on `gpus` GPUs in bf16: the same accounting, arithmetic only."""
-    from cluster.plan import count_parameters
+    from cluster.planning.memory import count_parameters
     from trainer.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

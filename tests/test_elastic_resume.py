@@ -72,7 +72,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
 
 def _differences(restored: dict, step_dir: str) -> list[str]:
     """Where the engine's gathered state differs from the checkpoint's, per parameter and kind."""
-    from cluster.cli.export import consolidated_model_weights
+    from trainer.export import consolidated_model_weights
     from trainer.checkpoint.repartition import KINDS, ZeroCheckpoint
 
     saved = ZeroCheckpoint(step_dir)

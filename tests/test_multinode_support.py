@@ -157,7 +157,7 @@ class LocalCluster:
         return proc
 
     def wait_for_job_server(self, timeout_s: float = 120.0) -> None:
-        from cluster.submit import connect  # the client `dip` uses, with Ray's auth token
+        from cluster.ray_jobs import connect  # the client `dip` uses, with Ray's auth token
 
         saved = {k: os.environ.get(k) for k in self.client_env}
         os.environ.update(self.client_env)  # connect() reads the token from the environment

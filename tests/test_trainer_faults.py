@@ -100,7 +100,7 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
     watcher, fired = None, []
     if stage == 2:  # killed from outside, by pid, at whatever moment the kill lands
         monkeypatch.setenv("DIP_FAULT_STEP_SLEEP_S", "0.5")
-        from cluster.driver.launch import run_paths
+        from cluster.driver.prepare import run_paths
 
         watcher = _kill_when_committed(run_paths(cfg).checkpoint_uri, 4, str(faults / "rank-1.pid"), 0.2, fired)
     else:  # killed by itself, right after optimizer step 6
@@ -120,7 +120,7 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
 def _start_driver(tmp_path, cfg, extra_env: dict):
     """`dip train` in its own process (its own local Ray), slowed down and with a never-ending eval;
     returns once step-4 is committed."""
-    from cluster.driver.launch import run_paths
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.store import CheckpointStore
     from trainer.config import to_dict
 
@@ -142,7 +142,7 @@ def _start_driver(tmp_path, cfg, extra_env: dict):
 def _mlflow_status(cfg, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from cluster.driver.launch import run_paths
+    from cluster.driver.prepare import run_paths
 
     return MlflowClient(tracking_uri=run_paths(cfg).tracking_uri).get_run(run_id).info.status
 

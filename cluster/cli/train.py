@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.cli.main import add_config_arguments
+from cluster.cli.options import add_config_arguments
 
 
 def register(subparsers) -> None:
