@@ -1,5 +1,6 @@
 """Suite-wide test environment: DeepSpeed on CPU, fast Ray Train reports, no network, no usage stats."""
 import os
+import pathlib
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -21,6 +22,9 @@ LONGEST_FIRST = ("test_multinode_kill.py",      # ~6  } one work unit: one worke
                  "test_eval_pool.py",           # ~3.5
                  "test_ablation_smoke.py")      # ~2
 MULTINODE_PREFIX = "test_multinode_"
+# A directory that keeps the session references (below) between pytest sessions, for re-running one slow
+# file while working on it; unset (the default, and in `make test`), each session computes its own.
+KEEP_REFERENCES_ENV = "DIP_TEST_KEEP_REFERENCES"
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -62,6 +66,9 @@ def _reference_run(tmp_path_factory, stage: int):
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # pytest-N/, the parent of every worker's popen-gwK/
+    if os.environ.get(KEEP_REFERENCES_ENV):  # opt-in, across sessions: delete it when the trainer changes
+        shared = pathlib.Path(os.environ[KEEP_REFERENCES_ENV])
+        shared.mkdir(parents=True, exist_ok=True)
     summary_file = shared / f"reference-zero{stage}.json"
     with FileLock(str(shared / f"reference-zero{stage}.lock")):
         if not summary_file.exists():
