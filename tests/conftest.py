@@ -15,10 +15,12 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 # `make test` runs the files on two xdist workers (--dist loadfile --no-loadscope-reorder), each file
 # whole on one worker, in collection order: the files of several minutes go first, so that none of them
-# starts last and becomes the suite's tail (minutes on the 2-core machine, each file alone, 2026-12-07).
-LONGEST_FIRST = ("test_multinode_kill.py",      # ~6  } one work unit: one worker, one after the other
-                 "test_multinode_elastic.py",   # ~5  }   (MultiNodeTogether below)
-                 "test_trainer_faults.py",      # ~4
+# starts last and becomes the suite's tail (serial minutes on the 2-core machine, 2026-12-01, before the
+# SIGKILL matrix lost ZeRO-1 and the eval pool half its samples: test_trainer_faults and test_eval_pool
+# are shorter now).
+LONGEST_FIRST = ("test_multinode_kill.py",      # ~6   } one work unit: one worker, one after the
+                 "test_multinode_elastic.py",   # ~5.5 }   other (MultiNodeTogether below)
+                 "test_trainer_faults.py",      # ~6
                  "test_eval_pool.py",           # ~3.5
                  "test_ablation_smoke.py")      # ~2
 MULTINODE_PREFIX = "test_multinode_"
