@@ -18,6 +18,7 @@ moves it by ~1e-2.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -95,12 +96,14 @@ def test_zero_state_resumes_exactly_on_another_world_size(stage, shards, tmp_pat
     cfg = {**TINY, "data": {**TINY["data"], "path": shards}, "train": {**TINY["train"], "zero_stage": stage}}
     store = str(tmp_path / "run" / "checkpoints")
 
-    # an uninterrupted 2-worker run: the reference for every loss below
-    reference = run_ranks(train, 2, cfg, str(tmp_path / "reference" / "checkpoints"), 4, ())[0]
-    assert reference["split"].grad_accum == 1
-    # 2 workers to step 2; 2 -> 1: one worker (2 accumulation steps) resumes it and saves at step 3;
+    # an uninterrupted 2-worker run: the reference for every loss below. Its step-2 checkpoint (a save
+    # changes nothing of the run) is where the 2-worker run would have stopped: copied, not run again
+    reference_store = str(tmp_path / "reference" / "checkpoints")
+    reference = run_ranks(train, 2, cfg, reference_store, 4, (2,))[0]
+    assert reference["split"].grad_accum == 1 and reference["resumed_from"] == 0
+    shutil.copytree(os.path.join(reference_store, "step-2"), os.path.join(store, "step-2"))
+    # 2 -> 1: one worker (2 accumulation steps) resumes the 2-worker step-2 checkpoint and saves at step 3;
     # 1 -> 2: two workers resume that 1-worker checkpoint for step 4
-    run_ranks(train, 2, cfg, store, 2, (2,))
     shrunk = run_ranks(train, 1, cfg, store, 3, (3,))[0]
     assert shrunk["split"].world_size == 1 and shrunk["split"].grad_accum == 2
     assert shrunk["resumed_from"] == 2 and shrunk["differences"] == []
