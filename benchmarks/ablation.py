@@ -126,7 +126,7 @@ class LoadSampler:
 
 def train(args, model: str, shards: str, ref: str, classes: int) -> dict:
     """One fresh `dip train` run; its figures, read back from its MLflow run."""
-    from cluster.driver.launch import run_paths
+    from cluster.driver.prepare import run_paths
     from trainer.config import load_config
 
     extra = overrides(args, model, shards, ref, classes)

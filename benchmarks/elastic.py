@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--load-worlds", default="1,2")
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args()
-    from cluster.plan import count_parameters
+    from cluster.planning.memory import count_parameters
 
     params = count_parameters(_config(args.model, 2))[0]
     rows = []

@@ -196,7 +196,7 @@ def measure(model: str, precision: str, steps: int) -> None:
 
 def on_paper(gpus: int = 8) -> None:
     """DiP-XL/16 (the paper's config) on `gpus` GPUs in bf16: the same accounting, arithmetic only."""
-    from cluster.plan import count_parameters
+    from cluster.planning.memory import count_parameters
     from trainer.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ then writes a JSON and prints a line for benchmarks/RESULTS.md (device, date, to
     python benchmarks/gpu.py --engine torch      # no DeepSpeed installed: plain AdamW + bf16 autocast (labelled)
 
 The training step is the trainer's: engine(pixels, labels, keyed draws) -> backward -> step, then the
-EMA update (trainer/loop/worker.py TrainingRun.train_step), fed from device-resident random batches so
+EMA update (trainer/loop/step.py OptimizerStep), fed from device-resident random batches so
 that only the model step is timed (the data pipeline has its own benchmark).
 """
 from __future__ import annotations

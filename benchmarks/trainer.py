@@ -5,7 +5,7 @@
    same model and per-worker batch (forward, backward, AdamW, EMA; tensors already in memory).
    Overhead = trainer step time / bare step time - 1 (target <= 10%). Split into parts, each measured:
    the bare loop as two processes at once (one per core: what the machine itself costs), the trainer's
-   own loop without Ray (trainer.loop.worker.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
+   own loop without Ray (trainer.loop.run.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
    and ZeRO-2's per-step traffic alone (one gradient all-reduce + one parameter all-gather over gloo).
    Each round runs all of them back to back and the figures are medians of per-round ratios, as
    this machine's speed drifts by tens of percent between minutes.
@@ -156,7 +156,7 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
     import torch.distributed as dist
 
     from trainer.config import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     class TimedRun(TrainingRun):
         """Keeps each logging interval's (wall s, CPU s) per step, which Ray runs read back from MLflow."""
@@ -183,7 +183,7 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
 
 
 def no_ray_step_time(root: str, name: str, overrides: list[str]) -> tuple[float, float]:
-    """The trainer's own per-rank loop (trainer.loop.worker.TrainingRun: the same DeepSpeed engine, streamed
+    """The trainer's own per-rank loop (trainer.loop.run.TrainingRun: the same DeepSpeed engine, streamed
     shards, EMA) on as many plain torch.distributed gloo processes, without Ray: splits the overhead into
     Ray's part and the rest. (median wall s, median CPU s of rank 0) per step, as trainer_step_time."""
     from data import prepare_dataset

@@ -8,7 +8,7 @@ import torch
 
 from trainer.checkpoint.deepspeed_io import to_host
 from trainer.checkpoint.manager import ema_file_payload
-from trainer.loop.rng import capture_rng, restore_rng
+from trainer.checkpoint.rng_state import capture_rng, restore_rng
 
 
 def test_rng_state_round_trips_through_a_weights_only_file():

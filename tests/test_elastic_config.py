@@ -112,10 +112,12 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restar
 
 
 def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_path):
-    """What cluster.driver.launch.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
+    """What cluster.driver.fit.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
     resize interval, and the hook among the callbacks Ray Train gives its controller as they are (a
     UserCallback would be wrapped in a handler that only forwards report/exception events)."""
-    from cluster.driver.launch import PreparedRun, ResumePlan, build_trainer, run_paths
+    from cluster.driver.fit import build_trainer
+    from cluster.driver.prepare import PreparedRun, run_paths
+    from cluster.driver.resume import ResumePlan
     from trainer.checkpoint.store import CheckpointStore
 
     cfg = _cfg("cluster.num_workers=[1,2]", "cluster.resize_check_s=7", f"output_dir={tmp_path}")

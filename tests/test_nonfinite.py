@@ -50,7 +50,7 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
     import torch
 
     from trainer.config import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     def changed(a: dict, b: dict) -> list[str]:
         return sorted(k for k in a if not torch.equal(a[k], b[k]))  # NaN != NaN: a NaN anywhere counts
@@ -110,7 +110,8 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
     from mlflow.tracking import MlflowClient
 
     from cluster.cli.main import TrainingFailed
-    from cluster.driver.launch import launch, run_paths
+    from cluster.driver.launch import launch
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.manager import load_train_state
     from trainer.checkpoint.store import CheckpointStore
     from trainer.faults import read_ledger

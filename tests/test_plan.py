@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from cluster.plan import (GiB, Hardware, activation_breakdown, count_parameters, format_plan, make_plan,
-                          model_states, parse_size)
+from cluster.planning.activations import activation_breakdown
+from cluster.planning.memory import GiB, Hardware, count_parameters, make_plan, model_states, parse_size
+from cluster.planning.report import format_plan
 from models.registry import dip_config
 from trainer.config import load_config
 

@@ -103,7 +103,7 @@ def measured(request, tmp_path_factory):
 
 
 def _plan_states(precision: str, stage: int):
-    from cluster.plan import count_parameters, model_states
+    from cluster.planning.memory import count_parameters, model_states
     from trainer.config import config_from_dict
 
     cfg = config_from_dict({"model": {"name": MODEL, "num_classes": 10}, "data": {"resolution": 32},

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from trainer.config import TrainConfig
+    from trainer.config.sections import TrainConfig
 
 
 @dataclass(frozen=True)
