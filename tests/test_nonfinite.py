@@ -14,6 +14,7 @@ import os
 import pytest
 
 from tests.data_helpers import run_ranks
+from tests.goodput_checks import final_goodput
 from tests.test_trainer_support import TINY, metric_history, ray_cluster, tiny_config  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -150,3 +151,7 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
     assert sorted(metric_history(run_paths(cfg).tracking_uri, run_id)) == [1, 2, 3, 4, 5, 8, 9]  # no NaN loss logged
     assert run.data.tags["rollback.1"] == (f"step 7: 2 non-finite steps in a row (steps 6..7): rolled back to "
                                            f"{store.display(4)} and skipped the data of steps 5..7 (12 samples)")
+    # goodput: steps 6, 7, 10, 11 skipped and step 5 discarded by the rollback are lost work; 1-4, 8, 9 count
+    goodput, _metrics, _tags = final_goodput(run_paths(cfg).tracking_uri, run_id)
+    assert (goodput["productive_steps"], goodput["lost_steps"], goodput["failures"]) == (6, 5, 0)
+    assert goodput["badput_s"]["lost_work"] > 0.0 and goodput["badput_s"]["recovery"] > 0.0  # the restore

@@ -57,3 +57,21 @@ def test_the_report_prints_every_assumption_beside_its_number():
     assert f"checkpoint.every_steps={plan.interval_steps}" in text
     assert plan.goodput_every(plan.interval_steps) >= plan.goodput_every(plan.config_every_steps)
     assert plan.goodput_every(plan.interval_steps) >= plan.goodput_every(10 * plan.interval_steps)
+
+
+def test_dip_plan_prints_the_goodput_plan_with_its_assumptions(capsys):
+    from cluster.cli.main import main
+    from tests.test_plan import CONFIGS
+
+    assert main(["plan", CONFIGS["dip_xl16_256"], "--gpus", "64", "--mtbf-hours", "50000",
+                 "--checkpoint-cost-s", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "goodput plan" in out and "781.2 h   = 50,000 h per GPU (--mtbf-hours) / 64 GPUs" in out
+    assert "20.0 s   given" in out and "180.0 s   assumed" in out and "MFU 0.40 (--mfu)" in out
+    assert "best interval" in out and "time to train" in out
+    assert main(["plan", CONFIGS["dip_xl16_256"], "--gpus", "8"]) == 0
+    assert "goodput plan" not in capsys.readouterr().out   # only with a failure rate
+    assert main(["plan", CONFIGS["dip_xl16_256"], "--mtbf-hours", "5000", "--gpu-kind", "TPU"]) == 2
+    assert "--gpu-kind='TPU' is not a known GPU: use one of H100 PCIe" in capsys.readouterr().err
+    assert main(["plan", CONFIGS["dip_xl16_256"], "--mtbf-hours", "5000", "--mfu", "0"]) == 2
+    assert "--mfu=0.0 is not valid" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import time
 import pytest
 import yaml
 
+from tests.goodput_checks import assert_killed_run_goodput
 from tests.test_trainer_support import (assert_bit_identical, final_weights, metric_history, ray_cluster,  # noqa: F401
                                         tiny_config)
 
@@ -110,6 +111,8 @@ def test_sigkill_mid_run_and_during_a_checkpoint_write_resume_bit_identically(st
         assert (faults / "fired-kill-at-6-1").exists()
     assert (faults / "fired-kill-in-checkpoint-8-0").exists()
     _assert_same_training(run, ref)
+    # two attempts died after step-4: at most steps 5-6 (or 5-7 by the outside kill) and 5-8 were redone
+    assert_killed_run_goodput(run, ref, steps=12, redone_steps_at_most=3 + 4)
     # the attempt that died mid-write left step-8 uncommitted; the next attempt cleared it and rewrote it
     assert CheckpointStore(run.checkpoint_dir).verify(8).ok
 

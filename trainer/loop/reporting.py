@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from trainer.loop.step import grad_norm
 from trainer.loop.step_metrics import IntervalMeter, compute_text, flops_per_image, peak_memory_mb
+from trainer.tracking.goodput import GOODPUT_TAG, LEDGER_TAG, to_tag
 from trainer.tracking.mfu import device_name
 from trainer.tracking.run_logger import start_system_metrics
 
@@ -25,8 +26,9 @@ class RunReporter:
     """One rank's reporting: the MLflow run on rank 0 (`tracker`, None elsewhere or without a run id),
     MLflow's system-metrics monitor where this rank runs one."""
 
-    def __init__(self, cfg, ctx, *, rank: int, world_size: int, split, progress, engine, loader):
+    def __init__(self, cfg, ctx, *, rank: int, world_size: int, split, progress, engine, loader, goodput):
         self.cfg, self.ctx, self.world_size, self.split, self.progress = cfg, ctx, world_size, split, progress
+        self.goodput = goodput   # trainer.tracking.goodput.GoodputLedger: rank 0's is the one reported
         self.engine, self.loader, self.device = engine, loader, engine.device
         self.rank, self.is_main = rank, rank == 0
         self.tracker = None
@@ -110,13 +112,16 @@ class RunReporter:
                    "peak_memory_mb": peak_memory_mb(self.device), "corrupt_samples": totals[2].item(),
                    "samples_seen": self.progress.samples_seen, "epoch": self.loader.epoch,
                    "world_size": self.world_size, "grad_accum": self.split.grad_accum, **figures}
+        ledger_state = self.goodput.state_dict(step)  # settled: the figures below add up to now
+        metrics.update(self.goodput.metrics())
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step)
+            self.tracker.set_tags({LEDGER_TAG: to_tag(ledger_state)})  # what a restart after a crash takes over
         remaining = (self.cfg.train.max_steps - step) * figures["step_time_s"]
         loss_text = "skipped" if loss is None else f"{loss:.4f}"
-        log.info("step %d/%d | loss %s | lr %.2e | %.1f img/s | %s | data wait %.0f%% | eta %s", step,
+        log.info("step %d/%d | loss %s | lr %.2e | %.1f img/s | %s | data wait %.0f%% | eta %s | %s", step,
                  self.cfg.train.max_steps, loss_text, metrics["lr"], figures["images_per_s"], compute_text(figures),
-                 100 * figures["data_wait_share"], format_duration(remaining))
+                 100 * figures["data_wait_share"], format_duration(remaining), self.goodput.summary_text())
         if bar is not None:
             bar.set_description(f"loss {loss_text} | {figures['images_per_s']:.1f} img/s")
 
@@ -145,7 +150,21 @@ class RunReporter:
             summary["sample_grid"] = sample_grid
             summary["checkpoint_blocking_s_mean"] = (sum(blocking_seconds) / len(blocking_seconds)
                                                      if blocking_seconds else 0.0)
+            summary.update(self._final_goodput())
         return summary
+
+    def _final_goodput(self) -> dict:
+        """The attempt ended cleanly (a re-run starts afresh, no recovery): the closing ledger, the final
+        figures in MLflow (tag `goodput`), the log line."""
+        state = self.goodput.state_dict(self.progress.step, closed=True)
+        text = self.goodput.summary_text()
+        log.info("%s of %.0f worker-seconds over the run", text, self.goodput.total_s)
+        if self.tracker is not None:
+            self.tracker.log_metrics(self.goodput.metrics(), self.progress.step)
+            fraction = self.goodput.fraction
+            self.tracker.set_tags({LEDGER_TAG: to_tag(state),
+                                   GOODPUT_TAG: "n/a" if fraction is None else f"{fraction:.4f}"})
+        return {"goodput": self.goodput.fraction, "goodput_breakdown": text}
 
     def close(self) -> None:
         """MLflow's queue flushed and closed (rank 0), the system-metrics monitor stopped."""

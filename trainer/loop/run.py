@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ from trainer.loop.reporting import RunReporter
 from trainer.loop.rng import seed_everything
 from trainer.loop.step import OptimizerStep, StepOutcome
 from trainer.loop.step_metrics import IntervalMeter
+from trainer.tracking.goodput import GoodputLedger, newest, process_start_time, reported_state
 
 log = logging.getLogger("dip.train")
 
@@ -108,8 +110,12 @@ class TrainingRun:
             commit_timeout_s=cfg.checkpoint.commit_timeout_s)
         resumed = self.checkpoints.resume(enabled=cfg.checkpoint.resume == "auto")
         self.resumed = resumed is not None
+        # where the worker-seconds go (trainer.tracking.goodput); the resumed checkpoint's copy of it, if any
+        self.goodput = GoodputLedger(self.world_size)
+        self.goodput_restored = self.progress.goodput if resumed is not None else None
         self.reporter = RunReporter(cfg, self.ctx, rank=self.rank, world_size=self.world_size, split=self.split,
-                                    progress=self.progress, engine=self.engine, loader=self.loader)
+                                    progress=self.progress, engine=self.engine, loader=self.loader,
+                                    goodput=self.goodput)
         self.reporter.start(resumed)
         self.recovery = NonFiniteRecovery(cfg, checkpoints=self.checkpoints, store=self.store, loader=self.loader,
                                           progress=self.progress, is_main=self.is_main, tracker=self.reporter.tracker)
@@ -128,7 +134,9 @@ class TrainingRun:
 
     def save_checkpoint(self) -> float:
         self.save_due = False
+        self.progress.goodput = self.goodput.state_dict(self.progress.step)  # saved with the checkpoint
         blocked = self.checkpoints.save()
+        self.goodput.add("checkpoint", blocked)
         self.reporter.checkpoint_saved(blocked)
         return blocked
 
@@ -140,6 +148,7 @@ class TrainingRun:
         """Collective (ZeRO-3 gathers the EMA for it): every rank calls it; rank 0 draws and saves."""
         from trainer.loop.sample_grid import sample_grid, save_grid
 
+        started = time.perf_counter()
         model = self.ema.sampling_module()
         if not self.is_main:
             return None
@@ -148,7 +157,18 @@ class TrainingRun:
         path = save_grid(images, self.cfg.samples.num_classes, os.path.join(self.ctx.run_dir, "samples", name))
         self.reporter.grid_saved(path)
         self.last_grid = path
+        self.goodput.add("eval", time.perf_counter() - started)  # the loop waited on the grid
         return path
+
+    def begin_goodput(self) -> None:
+        """The first step is next: rank 0 takes over what the former attempt left (its last report in MLflow
+        or the checkpoint's copy, the newer) and charges the time since this process started."""
+        previous = None
+        if self.is_main and self.ctx.mlflow_run_id:
+            previous = newest(reported_state(self.ctx.tracking_uri, self.ctx.mlflow_run_id), self.goodput_restored)
+        elif self.is_main:
+            previous = self.goodput_restored
+        self.goodput.begin(process_start_time(), previous, self.goodput_restored)
 
     # ------------------------------------------------------------------------------------------
     #                                         the loop
@@ -158,8 +178,11 @@ class TrainingRun:
         bar = self.reporter.progress_bar(self.in_ray)
         meter = IntervalMeter()
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
+        self.begin_goodput()
         while progress.step < cfg.train.max_steps:
+            started = time.perf_counter()
             loss, data_wait, applied = self.train_step()
+            self.goodput.step(time.perf_counter() - started, data_wait, applied)
             progress.step += 1
             progress.samples_seen += cfg.global_batch
             if applied:
@@ -167,7 +190,10 @@ class TrainingRun:
                 loss_sum += loss
                 loss_count += 1
             else:
+                rollbacks, started = progress.rollbacks, time.perf_counter()
                 self.recovery.step_skipped(loss)
+                if progress.rollbacks != rollbacks:  # the restored checkpoint's ledger: what is discarded since
+                    self.goodput.rolled_back(progress.goodput, time.perf_counter() - started)
                 if self.recovery.failure:
                     break
             meter.add(data_wait)
