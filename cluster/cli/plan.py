@@ -22,7 +22,25 @@ def register(subparsers) -> None:
     parser.add_argument("--reserve", default="2GB",
                         help="per-GPU memory kept back for the CUDA context, NCCL/cuDNN workspaces and "
                              "fragmentation (default 2GB)")
+    add_goodput_arguments(parser)
     parser.set_defaults(handler=run_plan)
+
+
+def add_goodput_arguments(parser) -> None:
+    """The failure-rate part of the plan (cluster/planning/goodput.py): printed when --mtbf-hours is given."""
+    parser.add_argument("--mtbf-hours", type=float, default=None,
+                        help="mean time between failures of ONE GPU, in hours (the job's is this / --gpus); adds the "
+                             "checkpoint interval that maximises goodput, the expected goodput and the time to train")
+    parser.add_argument("--checkpoint-cost-s", type=float, default=None,
+                        help="seconds a checkpoint blocks training (measured: MLflow checkpoint_blocking_s; "
+                             "default 10, printed as assumed)")
+    parser.add_argument("--restart-s", type=float, default=None,
+                        help="seconds a restart after a failure costs (measured: badput/recovery_s per failure; "
+                             "default 180, printed as assumed)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time to train "
+                                                               "(default 0.4)")
+    parser.add_argument("--gpu-kind", default="H100", help="GPU whose dense bf16 peak the time to train uses "
+                                                           "(default H100; see trainer/tracking/mfu.py)")
 
 
 def run_plan(args) -> int:
@@ -37,4 +55,10 @@ def run_plan(args) -> int:
     print(format_plan(plan))
     if cfg.cluster.elastic:
         print(format_elastic_ends(cfg, hardware))
+    if args.mtbf_hours is not None:
+        from cluster.planning.goodput import format_goodput_plan, make_goodput_plan
+
+        print(format_goodput_plan(make_goodput_plan(cfg, gpus=gpus, mtbf_hours=args.mtbf_hours,
+                                                    checkpoint_s=args.checkpoint_cost_s, restart_s=args.restart_s,
+                                                    mfu=args.mfu, gpu_kind=args.gpu_kind)))
     return 0

@@ -59,6 +59,8 @@ def format_summary(s: RunSummary) -> str:
              f"sample grid : {s.sample_grid or '(none)'}"]
     if s.metrics.get("last_loss") is not None:
         lines.append(f"final loss  : {s.metrics['last_loss']:.4f}")
+    if s.metrics.get("goodput_breakdown"):  # the workers' closing ledger (trainer/tracking/goodput.py)
+        lines.append(f"goodput     : {s.metrics['goodput_breakdown'].removeprefix('goodput ')}")
     if s.status == "STOPPED":
         lines.append("stopped on request: run the same command again to resume")
     return "\n".join(lines)

@@ -21,4 +21,6 @@ A package, not one module: the two estimates (activations.py, memory.py) are eac
 measurements by their own tests and change for different reasons (a model change vs a DeepSpeed
 change), and the text `dip plan` prints (report.py) is a third concern; together they were over the
 450-line limit. memory.py's `make_plan` is the one entry point; cluster/cli/plan.py parses the flags.
+goodput.py (`--mtbf-hours`): the checkpoint interval that maximises goodput, the goodput to expect and the
+time to train, from a failure rate, a checkpoint and a restart cost, and an MFU.
 """
