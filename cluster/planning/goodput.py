@@ -138,7 +138,9 @@ def format_goodput_plan(plan: GoodputPlan) -> str:
         f"{plan.flops_per_image / 1e9:,.1f} GFLOP / ({plan.gpus} x {plan.gpu_kind} {plan.peak_tflops:,.0f} TFLOP/s "
         f"bf16 x MFU {plan.mfu:.2f} (--mfu))",
         f"  best interval            {_hours(plan.interval_s):>12}   = checkpoint.every_steps={plan.interval_steps} "
-        "(Daly's higher-order Young estimate)",
+        "(Daly's higher-order Young estimate)"
+        + (" -- longer than train.max_steps: a failure is unlikely within this run" if plan.interval_steps >= plan.steps
+           else ""),
         f"  expected goodput         {100 * best:>10.1f} %   at that interval; {100 * current:.1f}% at this config's "
         f"checkpoint.every_steps={plan.config_every_steps}",
         f"  time to train            {_hours(wall_s):>12}   {plan.steps:,} steps: {_hours(plan.compute_s)} of compute "
