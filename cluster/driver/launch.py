@@ -284,14 +284,14 @@ def build_trainer(run: PreparedRun, run_id: str):
     cfg, paths = run.cfg, run.paths
     scaling = {"num_workers": cfg.cluster.num_workers, "use_gpu": cfg.cluster.use_gpu,
                "resources_per_worker": {"CPU": cfg.cluster.cpus_per_worker}}
-    callbacks = []
+    callbacks, trainer_cls = [], TorchTrainer
     if cfg.cluster.elastic:
-        from cluster.driver.elastic import checkpoint_before_grow
+        from cluster.driver.elastic import checkpoint_before_grow_policy, trainer_with_policy
 
         scaling["elastic_resize_monitor_interval_s"] = cfg.cluster.resize_check_s
-        hook = checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s)
-        callbacks += [hook] if hook is not None else []
-    return TorchTrainer(
+        trainer_cls = trainer_with_policy(TorchTrainer, lambda scaling_config: checkpoint_before_grow_policy(
+            scaling_config, paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s))
+    return trainer_cls(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(run.worker_cfg),
                            "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from trainer.checkpoint.pins import require
 from trainer.checkpoint.store import step_name
 
 
@@ -32,6 +33,7 @@ def to_host(obj: Any) -> Any:
 
 def deepspeed_safe_globals() -> list:
     """Non-tensor classes inside DeepSpeed's optimizer files, allow-listed for weights_only loading."""
+    require("DeepSpeed checkpoint loading")
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
     safe = [LossScaler, DynamicLossScaler]

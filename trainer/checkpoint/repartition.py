@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.checkpoint.pins import require
+
 FP32 = "fp32"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KINDS = (FP32, *MOMENTS)
@@ -54,6 +56,7 @@ class ZeroCheckpoint:
     """One committed DeepSpeed step directory, read as per-parameter tensors of any world size."""
 
     def __init__(self, step_dir: str):
+        require("ZeRO checkpoint re-partitioning")  # DeepSpeed's partition layout, read as it was tested
         self.step_dir = step_dir
         optim_files = sorted(glob.glob(os.path.join(step_dir, "*_optim_states.pt")),
                              key=lambda f: int(_RANK.search(f).group(1)) if _RANK.search(f) else -1)

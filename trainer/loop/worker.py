@@ -210,8 +210,9 @@ class TrainingRun:
         flag = STOP_NONE
         if self.is_main and self.store.stop_requested():
             flag = STOP_REQUESTED
-        elif self.is_main and self.store.resize_requested():
+        elif self.is_main and (resize := self.store.resize_request()) is not None:
             flag = STOP_RESIZE
+            self.resize_request_id = resize["id"]  # answered by id: never a request withdrawn since
         if self.in_ray:
             import ray.train
 
@@ -278,7 +279,7 @@ class TrainingRun:
         as the driver side has seen it. Wait for that (bounded), then carry on if it never came."""
         self.checkpoints.wait()  # on rank 0 that includes the commit
         if self.is_main:
-            self.store.answer_resize(self.progress.step)
+            self.store.answer_resize(self.resize_request_id, self.progress.step)
         log.info("checkpoint for the resize written at step %d: waiting for Ray to restart the group",
                  self.progress.step)
         deadline = time.monotonic() + RESIZE_WAIT_S

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from trainer.checkpoint.pins import supported
 from trainer.checkpoint.store import EMA_FILE, CheckpointStore
 
 log = logging.getLogger("dip.tracking")
@@ -82,14 +83,32 @@ class LoggedEMA:
 
 
 @contextmanager
+def _set_tracking_uri(uri: str):
+    """MLflow's internal per-call URI switch with the tested MLflow; otherwise the public API (set, then
+    set back what was there: the documented safe path, the same effect in this single-threaded call)."""
+    if supported("MLflow tracking URI per call"):
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(uri):
+            yield
+        return
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@contextmanager
 def _tracking_uri(uri: str):
     """MLflow's model logging reads the process-wide tracking URI: set it for the call, then restore it
     (and the MLFLOW_TRACKING_URI variable MLflow sets beside it)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        with _use_tracking_uri(uri):
+        with _set_tracking_uri(uri):
             yield
     finally:
         if saved is None:
