@@ -77,6 +77,8 @@ class ZeroCheckpoint:
         self._flats = {kind: [self._rank_flats(shard, kind) for shard in self.shards] for kind in KINDS} \
             if self.stage else {}
         self._places = self._layout() if self.stage else {}
+        if self.stage:
+            self._check_partition_sizes(optim_files)
 
     # -- what the files hold ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -132,6 +134,29 @@ class ZeroCheckpoint:
                 offset += math.ceil(math.prod(shape) / self.world_size)
         return places
 
+    def _check_partition_sizes(self, optim_files: list[str]) -> None:
+        """Every rank's saved flat partitions hold exactly the elements the layout gives them: a truncated or
+        altered partition tensor would otherwise be read as other parameters' numbers (ZeRO-3) or fail far
+        from its cause."""
+        for kind in KINDS:
+            for rank, flats in enumerate(self._flats[kind]):
+                if self.stage >= 3:  # one flat: the sub-groups concatenated, ceil(numel / W) of every parameter
+                    expected = sum(math.ceil(place.numel / self.world_size) for place in self._places.values())
+                    check_partition_numel(optim_files[rank], kind, sum(f.numel() for f in flats), expected)
+                    continue
+                for group, flat in enumerate(flats):
+                    lean, padded = self._zero12_partition_numels(rank, group)
+                    check_partition_numel(optim_files[rank], f"{kind} group {group}", flat.numel(), lean, padded)
+
+    def _zero12_partition_numels(self, rank: int, group: int) -> tuple[int, int]:
+        """ZeRO-1/2: a group (its parameters and their alignment paddings) padded to W equal partitions of
+        P elements; DeepSpeed saves a rank's fp32 partition without the group padding that falls in it
+        (`group_paddings`, so P - padding), its Adam moments with or without it. Returns (P - padding, P)."""
+        end = max(place.offset + place.numel for place in self._places.values() if place.group == group)
+        paddings = [int((shard.get("group_paddings") or [0] * (group + 1))[group]) for shard in self.shards]
+        partition = (end + sum(paddings)) // self.world_size
+        return partition - paddings[rank], partition
+
     # -- reading ---------------------------------------------------------------------------------
     def read(self, name: str, kind: str = FP32, start: int = 0, numel: int | None = None) -> torch.Tensor:
         """Elements [start, start + numel) of parameter `name`'s flattened `kind` tensor (a copy).
@@ -177,7 +202,19 @@ class ZeroCheckpoint:
                 continue
             local = a - rank * piece + place.offset
             pieces.append(_slice_groups(flats, local, b - a))
-        return (torch.cat(pieces) if pieces else torch.empty(0)).float().clone()
+        out = torch.cat(pieces) if pieces else torch.empty(0)
+        if out.numel() != numel:
+            raise ValueError(f"{self.step_dir}: the ZeRO partitions hold {out.numel()} of {numel} elements asked for")
+        return out.float().clone()
+
+
+def check_partition_numel(path: str, what: str, found: int, expected: int, padded: int | None = None) -> None:
+    """A saved flat partition holds the element count its checkpoint's layout gives it (`expected`, or
+    `padded` with DeepSpeed's padding), or a clear error naming the file and both counts."""
+    if found not in (expected, expected if padded is None else padded):
+        also = f" ({padded} with its padding)" if padded not in (None, expected) else ""
+        raise ValueError(f"{path}: its {what} partition holds {found} elements, but the checkpoint's layout "
+                         f"gives it {expected}{also}: the file is truncated or altered")
 
 
 def _slice_groups(flats: list[torch.Tensor], start: int, numel: int) -> torch.Tensor:
@@ -188,7 +225,7 @@ def _slice_groups(flats: list[torch.Tensor], start: int, numel: int) -> torch.Te
         if a < b:
             pieces.append(flat[a - base:b - base])
         base += flat.numel()
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.empty(0)  # nothing there: the caller's count check says so
 
 
 # ------------------------------------------------------------------------------------------------
