@@ -32,6 +32,8 @@ quickstart: install
 
 # two xdist workers, a file each at a time (module fixtures such as a Ray or multi-node cluster stay
 # whole); the longest files first (tests/conftest.py). Much of the suite waits on processes, not cores.
+# two xdist workers, a file at a time (--dist loadfile), longest files first; tests/conftest.py makes the
+# multi-node files (tests/test_multinode_*.py) one work unit, so two multi-node Ray clusters never run at once
 test: install
 	$(BIN)/python -m pytest -q -ra --timeout=900 -n 2 --dist loadfile --no-loadscope-reorder tests
 

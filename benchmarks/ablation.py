@@ -126,8 +126,8 @@ class LoadSampler:
 
 def train(args, model: str, shards: str, ref: str, classes: int) -> dict:
     """One fresh `dip train` run; its figures, read back from its MLflow run."""
-    from cluster.driver.launch import run_paths
-    from trainer.config.sections import load_config
+    from cluster.driver.prepare import run_paths
+    from trainer.config import load_config
 
     extra = overrides(args, model, shards, ref, classes)
     cfg = load_config(RECIPE, extra)

@@ -50,7 +50,7 @@ def init_report(init: str) -> None:
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
     from trainer.loop.engine import build_objective_module
     from trainer.loop.rng import keyed_draws
 
@@ -80,7 +80,7 @@ def _train(rank: int, world: int, steps: int, port: str, queue, init: str) -> No
 
     from data.records import to_pm1
     from data.synthetic import reference_images
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
     from trainer.loop.engine import build_engine, build_objective_module
 
     torch.set_num_threads(1)

@@ -27,7 +27,7 @@ XL16_PARAMS = 630_848_931  # `dip plan configs/dip_xl16_256.yaml`
 
 
 def _config(model: str, stage: int):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     return config_from_dict({"model": {"name": model, "num_classes": 10},
                              "data": {"resolution": 32, "batch_size": 1, "path": "synthetic"},
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--load-worlds", default="1,2")
     parser.add_argument("--json", default="", help="also write the figures here")
     args = parser.parse_args()
-    from cluster.plan import count_parameters
+    from cluster.planning.memory import count_parameters
 
     params = count_parameters(_config(args.model, 2))[0]
     rows = []

@@ -1,6 +1,6 @@
 """The EMA update under ZeRO-3, before and after keeping it sharded: bytes moved and ms per step.
 
-Before (trainer.loop.training_ema.gathered_update, the old trainer/loop/worker.py path): every step, every rank
+Before (trainer.loop.training_ema.gathered_update, the old trainer/worker.py path): every step, every rank
 gathers the whole denoiser so that rank 0 can lerp a whole fp32 EMA (models.ema.EMA). After
 (trainer.loop.training_ema.ShardedEMA.update): each rank lerps the fp32 EMA of its own partition.
 
@@ -113,7 +113,7 @@ def _rank(rank: int, port: int, model: str, precision: str, steps: int, queue) -
     import torch.distributed as dist
 
     from models.ema import EMA
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_engine, build_objective_module
     from trainer.loop.training_ema import ShardedEMA, gathered_update
 
@@ -196,8 +196,8 @@ def measure(model: str, precision: str, steps: int) -> None:
 
 def on_paper(gpus: int = 8) -> None:
     """DiP-XL/16 (the paper's config) on `gpus` GPUs in bf16: the same accounting, arithmetic only."""
-    from cluster.plan import count_parameters
-    from trainer.config.sections import load_config
+    from cluster.planning.memory import count_parameters
+    from trainer.config import load_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _, params, _, _ = count_parameters(load_config(os.path.join(root, "configs", "dip_xl16_256.yaml")))

@@ -14,7 +14,7 @@ then writes a JSON and prints a line for benchmarks/RESULTS.md (device, date, to
     python benchmarks/gpu.py --engine torch      # no DeepSpeed installed: plain AdamW + bf16 autocast (labelled)
 
 The training step is the trainer's: engine(pixels, labels, keyed draws) -> backward -> step, then the
-EMA update (trainer/loop/worker.py TrainingRun.train_step), fed from device-resident random batches so
+EMA update (trainer/loop/step.py OptimizerStep), fed from device-resident random batches so
 that only the model step is timed (the data pipeline has its own benchmark).
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def init_single_process_group(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def train_config(model_name: str, resolution: int, batch: int, precision: str):
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     return load_config(BASE_CONFIG, [f"model.name={model_name}", f"data.resolution={resolution}",
                                      f"data.batch_size={batch}", "data.path=synthetic", "train.zero_stage=2",

@@ -5,7 +5,7 @@
    same model and per-worker batch (forward, backward, AdamW, EMA; tensors already in memory).
    Overhead = trainer step time / bare step time - 1 (target <= 10%). Split into parts, each measured:
    the bare loop as two processes at once (one per core: what the machine itself costs), the trainer's
-   own loop without Ray (trainer.loop.worker.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
+   own loop without Ray (trainer.loop.run.TrainingRun on 2 plain gloo processes: DeepSpeed, loader, EMA),
    and ZeRO-2's per-step traffic alone (one gradient all-reduce + one parameter all-gather over gloo).
    Each round runs all of them back to back and the figures are medians of per-round ratios, as
    this machine's speed drifts by tens of percent between minutes.
@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -80,7 +79,7 @@ def concurrent_bare_step_time(args: tuple, copies: int = 2) -> tuple[float, floa
 
 def run_config(root: str, name: str, overrides: list[str]):
     """The measured run: DiP-T/16 on synthetic MDS shards, 2 workers x ZeRO-2 fp32, EMA on rank 0."""
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     base = {
         "run_name": name, "output_dir": os.path.join(root, "runs"),
@@ -156,8 +155,8 @@ def _init_gloo(rank: int, world: int, port: int) -> None:
 def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: str) -> None:
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     class TimedRun(TrainingRun):
         """Keeps each logging interval's (wall s, CPU s) per step, which Ray runs read back from MLflow."""
@@ -184,14 +183,14 @@ def _no_ray_rank(rank: int, world: int, port: int, queue, cfg_dict: dict, root: 
 
 
 def no_ray_step_time(root: str, name: str, overrides: list[str]) -> tuple[float, float]:
-    """The trainer's own per-rank loop (trainer.loop.worker.TrainingRun: the same DeepSpeed engine, streamed
+    """The trainer's own per-rank loop (trainer.loop.run.TrainingRun: the same DeepSpeed engine, streamed
     shards, EMA) on as many plain torch.distributed gloo processes, without Ray: splits the overhead into
     Ray's part and the rest. (median wall s, median CPU s of rank 0) per step, as trainer_step_time."""
     from data import prepare_dataset
-    from trainer.config.sections import to_dict
+    from trainer.config import to_dict
 
     cfg = run_config(root, name, overrides)
-    cfg = dataclasses.replace(cfg, data=prepare_dataset(cfg.data, os.path.join(root, "data")))
+    cfg = cfg.replace(data=prepare_dataset(cfg.data, os.path.join(root, "data")))
     run_dir = os.path.join(root, "no-ray", name)
     os.makedirs(run_dir, exist_ok=True)
     return _spawn(_no_ray_rank, (to_dict(cfg), run_dir), world=cfg.cluster.num_workers)

@@ -35,7 +35,7 @@ def reference_stats(path: str, samples: int) -> None:
 
 def run(root: str, name: str, args, overrides: list[str]):
     from cluster.driver.launch import launch
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
 
     common = [f"run_name={name}", f"output_dir={os.path.join(root, 'runs')}", f"train.max_steps={args.steps}",
               f"cluster.num_workers={args.workers}", f"data.batch_size={16 // args.workers}",

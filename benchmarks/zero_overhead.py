@@ -28,7 +28,7 @@ def _rank(rank: int, world: int, stage: int, port: int, queue) -> None:
     from data.records import to_pm1
     from data.synthetic import reference_images
     from trainer.loop.rng import keyed_draws
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
     from trainer.loop.engine import build_engine, build_objective_module
 
     torch.set_num_threads(1)

@@ -78,3 +78,16 @@ class SyntheticSource:
     def describe(self) -> str:
         return (f"synthetic(num_images={self.num_images}, classes={len(self.class_names)}, "
                 f"resolution={self.resolution}, seed={self.seed})")
+
+
+def open_source(src: str, num_images: int | None = None, classes: int = 10, resolution: int | None = None,
+                seed: int = 0):
+    """The source `dip data shard --src` names: 'synthetic' (`num_images` images of `classes` classes,
+    generated at `resolution`, default 64, from `seed`) or the root of an ImageFolder tree."""
+    if src == "synthetic":
+        if num_images is None:
+            raise ValueError("--src synthetic needs --num-images K (and optionally --classes C --seed S)")
+        return SyntheticSource(num_images, classes, resolution or 64, seed)
+    if num_images is not None:
+        raise ValueError("--num-images applies to --src synthetic only")
+    return ImageFolderSource(src)

@@ -9,7 +9,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.records import collate, decode_record

@@ -66,7 +66,8 @@ def as_written_before_checksums_and_elastic(store, step: int) -> None:
 def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_resume(tmp_path, capsys, ray_cluster,  # noqa: F811
                                                                                      zero2_reference):
     from cluster.cli.main import main
-    from cluster.driver.launch import launch, run_paths
+    from cluster.driver.launch import launch
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.store import CheckpointStore
     from trainer.eval.generation import load_eval_model
     from trainer.eval.hook import EvalHook

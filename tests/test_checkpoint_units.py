@@ -8,7 +8,7 @@ import torch
 
 from trainer.checkpoint.deepspeed_io import to_host
 from trainer.checkpoint.manager import ema_file_payload
-from trainer.loop.rng import capture_rng, restore_rng
+from trainer.checkpoint.rng_state import capture_rng, restore_rng
 
 
 def test_rng_state_round_trips_through_a_weights_only_file():
@@ -81,7 +81,7 @@ def test_interval_meter_reports_throughput_and_data_wait_share():
 
 
 def test_deepspeed_config_follows_the_run_config():
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import deepspeed_config
 
     cfg = config_from_dict({}, ["data.batch_size=8", "train.grad_accum=4", "train.zero_stage=3",
@@ -98,7 +98,7 @@ def test_deepspeed_config_follows_the_run_config():
 
 
 def test_warmup_then_constant_learning_rate():
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_optimizer
 
     cfg = config_from_dict({}, ["optim.lr=1e-3", "optim.warmup_steps=4"])

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from cluster import ray_jobs
 from cluster import submit as sub
 from cluster.cli.main import main as dip
 
@@ -27,13 +28,13 @@ def _closed_port_address() -> str:
 def test_address_comes_from_the_flag_or_ray_address_and_must_be_a_job_server_url(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="no cluster address"):
-        sub.resolve_address(None)
+        ray_jobs.resolve_address(None)
     monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265/")
-    assert sub.resolve_address(None) == "http://10.0.0.1:8265"
-    assert sub.resolve_address("https://head.example:443") == "https://head.example:443"
+    assert ray_jobs.resolve_address(None) == "http://10.0.0.1:8265"
+    assert ray_jobs.resolve_address("https://head.example:443") == "https://head.example:443"
     for bad in ("ray://10.0.0.1:10001", "10.0.0.1:6379", "auto", "http://"):
         with pytest.raises(ValueError, match="not a job server URL"):
-            sub.resolve_address(bad)
+            ray_jobs.resolve_address(bad)
 
 
 def test_pins_are_read_from_pyproject_and_compared_with_installed_versions(tmp_path):
@@ -103,8 +104,8 @@ def test_prepare_attaches_the_driver_to_the_cluster_and_records_where_things_go(
 
 def test_an_unreachable_cluster_is_reported_before_anything_is_submitted(tmp_path, capsys):
     address = _closed_port_address()
-    with pytest.raises(sub.ClusterUnreachable, match=f"cannot reach the Ray job server at {address}"):
-        sub.submit(sub.SubmitRequest(QUICKSTART, [f"output_dir={tmp_path}"], address=address))
+    with pytest.raises(ray_jobs.ClusterUnreachable, match=f"cannot reach the Ray job server at {address}"):
+        ray_jobs.submit(sub.SubmitRequest(QUICKSTART, [f"output_dir={tmp_path}"], address=address))
     assert dip(["submit", QUICKSTART, f"output_dir={tmp_path}", "--address", address]) == 2
     assert "cannot reach the Ray job server" in capsys.readouterr().err
     # a bad config is reported even before the cluster is contacted
@@ -127,14 +128,14 @@ def test_dry_run_prints_the_job_without_a_cluster(tmp_path, capsys):
 def test_auth_token_comes_from_the_environment_or_the_token_file(tmp_path, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    assert sub.auth_headers() == {"Authorization": "Bearer abc"}
+    assert ray_jobs.auth_headers() == {"Authorization": "Bearer abc"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     token_file = tmp_path / "token"
     token_file.write_text("def\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    assert sub.auth_headers() == {"Authorization": "Bearer def"}
+    assert ray_jobs.auth_headers() == {"Authorization": "Bearer def"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert sub.auth_headers() == {}
+    assert ray_jobs.auth_headers() == {}
 
 
 def test_our_token_wins_over_the_one_ray_cached_for_this_process(tmp_path):
@@ -142,9 +143,9 @@ def test_our_token_wins_over_the_one_ray_cached_for_this_process(tmp_path):
     cached (another cluster's) as Authorization, which the job server reads before anything else.
     Checked in a fresh process: Ray reads the auth mode once, at import."""
     probe = (
-        "from cluster import submit\n"
+        "from cluster import ray_jobs\n"
         "from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled\n"
-        "ray_would_add = get_auth_headers_if_auth_enabled(submit.auth_headers())\n"
+        "ray_would_add = get_auth_headers_if_auth_enabled(ray_jobs.auth_headers())\n"
         "ray_alone = get_auth_headers_if_auth_enabled({})\n"
         "assert ray_alone, 'token auth is not on in the probe: the check below would prove nothing'\n"
         "assert ray_would_add == {}, ray_would_add\n"
@@ -155,9 +156,9 @@ def test_our_token_wins_over_the_one_ray_cached_for_this_process(tmp_path):
 
 
 def test_mlflow_link_for_a_head_node_store_says_how_to_open_it():
-    link = sub.mlflow_link("sqlite:////shared/runs/r1/mlflow.db", "dip", "r1")
+    link = ray_jobs.mlflow_link("sqlite:////shared/runs/r1/mlflow.db", "dip", "r1")
     assert "mlflow ui --backend-store-uri sqlite:////shared/runs/r1/mlflow.db" in link.text
-    unreachable = sub.mlflow_link(_closed_port_address(), "dip", "r1")
+    unreachable = ray_jobs.mlflow_link(_closed_port_address(), "dip", "r1")
     assert "not reachable" in unreachable.text and unreachable.run_id is None
 
 
@@ -176,13 +177,13 @@ def test_dry_run_redacts_credentials_and_warns_about_secret_env(tmp_path, capsys
 
 
 def test_workers_never_get_credentials_from_the_driver(monkeypatch):
-    from cluster.driver.launch import _worker_env
+    from cluster.driver.ray_start import worker_env
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-test")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token-test")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    env = _worker_env()
+    env = worker_env()
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"  # where the store is: not a secret
     assert not [name for name in env if sub.is_secret_name(name)], env
     assert not {"AKIA-test", "secret-test", "token-test"} & set(env.values())
@@ -199,5 +200,5 @@ def test_run_names_with_quotes_find_their_own_mlflow_run(tmp_path):
     runs = {name: client.create_run(experiment, tags={"dip.run_name": name}).info.run_id for name in names}
     client.create_run(experiment, tags={"dip.run_name": "both _ and _"})  # what a wildcard would also match
     for name in names:
-        assert sub.find_run_id(client, experiment, name) == runs[name], name
-    assert sub.find_run_id(client, experiment, "absent") is None
+        assert ray_jobs.find_run_id(client, experiment, name) == runs[name], name
+    assert ray_jobs.find_run_id(client, experiment, "absent") is None

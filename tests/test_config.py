@@ -1,12 +1,12 @@
 """The run config: strict loading, clear errors, typed overrides, resume compatibility."""
-import dataclasses
 import glob
 import os
 import re
 
 import pytest
 
-from trainer.config.sections import (TrainConfig, config_from_dict, config_hash, flatten, load_config, parse_override,
+from data.config_model import ConfigModel
+from trainer.config import (TrainConfig, config_from_dict, config_hash, flatten, load_config, parse_override,
                             resume_incompatibilities, to_dict, to_yaml)
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
@@ -152,12 +152,12 @@ def test_resume_refuses_a_different_model_shape_but_not_a_longer_run():
     assert any("zero_stage was 2, now 3" in p for p in resume_incompatibilities(saved, restaged))
 
 
-def test_every_section_is_a_validated_dataclass():
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("run_name", "output_dir"):
+def test_every_section_is_a_strict_validated_model():
+    for name in TrainConfig.model_fields:
+        if name in ("run_name", "output_dir"):
             continue
-        section = getattr(TrainConfig(), f.name)
-        assert dataclasses.is_dataclass(section) and hasattr(type(section), "__post_init__"), f.name
+        section = getattr(TrainConfig(), name)
+        assert isinstance(section, ConfigModel) and type(section).model_config["extra"] == "forbid", name
 
 
 def test_parse_override_reports_the_path_and_value():

@@ -2,7 +2,7 @@
 import pytest
 
 from tests.test_trainer_support import TINY
-from trainer.config.sections import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
+from trainer.config import config_from_dict, resume_incompatibilities, solve_batch_split, to_dict
 
 
 def _cfg(*overrides: str):
@@ -145,9 +145,11 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_without_bloc
 
 
 def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_path):
-    """What cluster.driver.launch.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
+    """What cluster.driver.fit.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
     resize interval, and the grow-checkpointing scaling policy for its controller (elastic runs only)."""
-    from cluster.driver.launch import PreparedRun, ResumePlan, build_trainer, run_paths
+    from cluster.driver.fit import build_trainer
+    from cluster.driver.prepare import PreparedRun, run_paths
+    from cluster.driver.resume import ResumePlan
     from trainer.checkpoint.store import CheckpointStore
 
     cfg = _cfg("cluster.num_workers=[1,2]", "cluster.resize_check_s=7", f"output_dir={tmp_path}")

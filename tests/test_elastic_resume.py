@@ -1,6 +1,6 @@
 """Resuming ZeRO-1/2/3 on another world size, at the level of the training loop (no Ray).
 
-The trainer's own loop (trainer.loop.worker.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
+The trainer's own loop (trainer.loop.run.TrainingRun: DeepSpeed engine, streamed MDS shards, EMA,
 CheckpointManager) runs in real gloo processes. For every ZeRO stage:
 * 2 -> 1: a 2-worker run saves at step 2; a 1-worker run resumes from it and saves at step 3;
 * 1 -> 2: a 2-worker run resumes that 1-worker checkpoint.
@@ -18,6 +18,7 @@ moves it by ~1e-2.
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ LOSS_RTOL = 1e-5
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict(TINY)
     return prepare_dataset(cfg.data, str(tmp_path_factory.mktemp("elastic-data"))).path
@@ -44,8 +45,8 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     rank, where the collective that consolidates it runs."""
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
     from trainer.checkpoint.repartition import consolidated_engine_state
 
     cfg = config_from_dict(cfg_dict)
@@ -72,7 +73,7 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
 
 def _differences(restored: dict, step_dir: str) -> list[str]:
     """Where the engine's gathered state differs from the checkpoint's, per parameter and kind."""
-    from cluster.cli.export import consolidated_model_weights
+    from trainer.export import consolidated_model_weights
     from trainer.checkpoint.repartition import KINDS, ZeroCheckpoint
 
     saved = ZeroCheckpoint(step_dir)
@@ -95,12 +96,14 @@ def test_zero_state_resumes_exactly_on_another_world_size(stage, shards, tmp_pat
     cfg = {**TINY, "data": {**TINY["data"], "path": shards}, "train": {**TINY["train"], "zero_stage": stage}}
     store = str(tmp_path / "run" / "checkpoints")
 
-    # an uninterrupted 2-worker run: the reference for every loss below
-    reference = run_ranks(train, 2, cfg, str(tmp_path / "reference" / "checkpoints"), 4, ())[0]
-    assert reference["split"].grad_accum == 1
-    # 2 workers to step 2; 2 -> 1: one worker (2 accumulation steps) resumes it and saves at step 3;
+    # an uninterrupted 2-worker run: the reference for every loss below. Its step-2 checkpoint (a save
+    # changes nothing of the run) is where the 2-worker run would have stopped: copied, not run again
+    reference_store = str(tmp_path / "reference" / "checkpoints")
+    reference = run_ranks(train, 2, cfg, reference_store, 4, (2,))[0]
+    assert reference["split"].grad_accum == 1 and reference["resumed_from"] == 0
+    shutil.copytree(os.path.join(reference_store, "step-2"), os.path.join(store, "step-2"))
+    # 2 -> 1: one worker (2 accumulation steps) resumes the 2-worker step-2 checkpoint and saves at step 3;
     # 1 -> 2: two workers resume that 1-worker checkpoint for step 4
-    run_ranks(train, 2, cfg, store, 2, (2,))
     shrunk = run_ranks(train, 1, cfg, store, 3, (3,))[0]
     assert shrunk["split"].world_size == 1 and shrunk["split"].grad_accum == 2
     assert shrunk["resumed_from"] == 2 and shrunk["differences"] == []

@@ -22,7 +22,10 @@ from trainer.eval.spec import SamplingSpec
 pytestmark = pytest.mark.slow
 
 IMAGE_SIZE = 32
-SPEC = SamplingSpec(steps=2, method="heun", cfg_scale=2.0, cfg_interval=(0.2, 0.9), num_samples=200,
+# 4 chunks of 25 for 2 actors: each actor runs several, and one killed after the first chunk always has
+# work left to redo (1 restart). Every sample costs an Inception pass on one CPU thread, three times over
+# (local, pool, pool with a kill): 100 samples, not 200, for the same properties.
+SPEC = SamplingSpec(steps=2, method="heun", cfg_scale=2.0, cfg_interval=(0.2, 0.9), num_samples=100,
                     seed=7, batch_size=25, image_size=IMAGE_SIZE)
 SMALL = SamplingSpec(steps=1, num_samples=8, seed=1, batch_size=4, image_size=IMAGE_SIZE)
 
@@ -87,14 +90,14 @@ def test_pool_equals_the_single_process_computation(ray_cluster, checkpoint, ref
     with EvalPool(2, {"num_cpus": 1}, reference_path) as pool:
         result = pool.evaluate(checkpoint, SPEC, step=10, save_npz=workdir / "pool.npz", on_samples=done.append)
     assert sum(done) == SPEC.num_samples and len(done) == len(SPEC.chunks())
-    assert result.num_samples == 200 and result.actor_restarts == 0 and result.step == 10
+    assert result.num_samples == SPEC.num_samples and result.actor_restarts == 0 and result.step == 10
     assert np.isfinite(result.fid) and result.fid > 0
     assert 0.0 <= result.precision <= 1.0 and 0.0 <= result.recall <= 1.0
     assert_same_scores(result, local_result)
     with np.load(workdir / "pool.npz") as pooled, np.load(workdir / "local.npz") as local:
-        assert pooled["arr_0"].shape == (200, IMAGE_SIZE, IMAGE_SIZE, 3) and pooled["arr_0"].dtype == np.uint8
+        assert pooled["arr_0"].shape == (SPEC.num_samples, IMAGE_SIZE, IMAGE_SIZE, 3) and pooled["arr_0"].dtype == np.uint8
         np.testing.assert_array_equal(pooled["arr_0"], local["arr_0"])  # the very same samples
-        np.testing.assert_array_equal(pooled["arr_1"], np.arange(200) % 10)  # class-balanced labels
+        np.testing.assert_array_equal(pooled["arr_1"], np.arange(SPEC.num_samples) % 10)  # class-balanced labels
 
 
 def test_an_actor_killed_mid_eval_gives_the_same_result(ray_cluster, checkpoint, reference_path, local_result, caplog):
@@ -187,7 +190,7 @@ def test_a_reference_built_by_the_pool_equals_the_reference_file(ray_cluster, re
 
 
 def _hook_config(tmp_path, reference_path, overrides=()):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     raw = {"run_name": "hooked", "output_dir": str(tmp_path / "runs"), "model": {"num_classes": 10},
            "data": {"resolution": IMAGE_SIZE}, "checkpoint": {"every_steps": 4, "keep": 1},

@@ -69,7 +69,7 @@ def save_tiny_checkpoint(directory: Path, num_classes: int = 10, seed: int = 0, 
     import torch
 
     from models.registry import create_model
-    from trainer.config.sections import config_from_dict, to_dict
+    from trainer.config import config_from_dict, to_dict
 
     torch.manual_seed(seed)
     model = create_model("DiP-T/16", num_classes=num_classes)

@@ -83,7 +83,7 @@ def _committed_store(tmp_path, steps):
 
 
 def _hook(tmp_path, store, pool):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.eval.hook import EvalHook
 
     cfg = config_from_dict({"run_name": "h", "output_dir": str(tmp_path / "runs"), "eval": {"every_steps": 100}})
@@ -114,7 +114,7 @@ def test_a_failed_run_hands_nothing_more_to_the_pool(tmp_path):
 
 
 def test_a_synthetic_reference_needs_synthetic_data(tmp_path):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.eval.hook import EvalHook
 
     shards = tmp_path / "shards"

@@ -3,7 +3,7 @@ training FLOPs, measured images/s and the device kind's peak (trainer/tracking/m
 import pytest
 import torch
 
-from trainer.config.sections import config_from_dict
+from trainer.config import config_from_dict
 
 TINY_MODEL = {"model": {"name": "DiP-T/16", "num_classes": 4}, "data": {"resolution": 16, "synthetic_classes": 4},
               "samples": {"num_classes": 2}}

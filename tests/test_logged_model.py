@@ -27,10 +27,10 @@ def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_p
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.tracking.logged_model import log_ema_model, log_final_model, weights_mode
     from trainer.model_io import load_sampling_model
-    from cluster.cli.sample import sample_pixels
+    from trainer.sampling import sample_pixels
     from trainer.tracking.run_logger import embedded_uri, open_run
 
     checkpoints = _checkpoint(tmp_path)

@@ -73,23 +73,37 @@ def _submit(cluster: LocalCluster, run_name: str, output_dir: str, extra: list[s
     return job_id
 
 
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
 def _status(cluster: LocalCluster, job_id: str) -> str:
-    out = run_dip(["jobs", "status", job_id, "--address", cluster.address], env=cluster.client_env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.split("status    : ", 1)[1].split()[0]
+    """The job's status through Ray's Jobs SDK, in this process (a poll is an HTTP request, not a process)."""
+    return str(cluster.job_client().get_job_status(job_id).value)
 
 
 def _wait_for_end(cluster: LocalCluster, job_id: str) -> str:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         status = _status(cluster, job_id)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if status in ENDED:
             return status
-        time.sleep(3)
+        time.sleep(1.0)
     raise TimeoutError(f"job {job_id} still running after {JOB_TIMEOUT_S} s")
 
 
 def _logs(cluster: LocalCluster, job_id: str) -> str:
+    return cluster.job_client().get_job_logs(job_id)
+
+
+def _cli_status(cluster: LocalCluster, job_id: str) -> str:
+    """`dip jobs status` as a user runs it (once per test module: the CLI is what it checks)."""
+    out = run_dip(["jobs", "status", job_id, "--address", cluster.address], env=cluster.client_env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("status    : ", 1)[1].split()[0]
+
+
+def _cli_logs(cluster: LocalCluster, job_id: str) -> str:
+    """`dip jobs logs` as a user runs it."""
     out = run_dip(["jobs", "logs", job_id, "--address", cluster.address], env=cluster.client_env)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -111,14 +125,20 @@ def _watch_commits(store, seen: set, stop: threading.Event) -> threading.Thread:
 
 
 def _wait_for_first_commit(store, job_id: str, cluster: LocalCluster) -> int:
+    """The step of the job's first committed checkpoint (its COMMITTED marker), as soon as there is one."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
+    looks = 0
     while time.monotonic() < deadline:
+        ended = looks % 10 == 0 and _status(cluster, job_id) in ENDED  # asked before the look: no race
         try:
             latest = store.latest_committed(warn=False)
-        except Exception:
+        except Exception:  # the run's checkpoint directory does not exist yet
             latest = None
         if latest is not None:
             return latest
+        if ended:
+            raise AssertionError(f"job {job_id} ended without a committed checkpoint:\n{_logs(cluster, job_id)[-5000:]}")
+        looks += 1
         time.sleep(0.2)
     raise TimeoutError(f"no committed checkpoint from job {job_id}:\n{_logs(cluster, job_id)[-5000:]}")
 
@@ -126,9 +146,13 @@ def _wait_for_first_commit(store, job_id: str, cluster: LocalCluster) -> int:
 def _wait_for_log(cluster: LocalCluster, job_id: str, text: str) -> None:
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
-        if text in _logs(cluster, job_id):
+        ended = _status(cluster, job_id) in ENDED  # asked before the logs: an ended job's logs are complete
+        logs = _logs(cluster, job_id)
+        if text in logs:
             return
-        time.sleep(2.0)  # each look is a `dip jobs logs` process
+        if ended:
+            raise AssertionError(f"job {job_id} ended and {text!r} never appeared in its logs:\n{logs[-5000:]}")
+        time.sleep(1.0)
     raise TimeoutError(f"{text!r} never appeared in the logs of job {job_id}")
 
 
@@ -138,7 +162,7 @@ def reference(zero2_reference):
     The submitted jobs below are the same config (quickstart + _tiny == tests.test_trainer_support.TINY,
     checked here), so on any cluster layout they must end bit-identical to it."""
     from trainer.checkpoint.store import CheckpointStore
-    from trainer.config.sections import config_from_dict, load_config, to_dict
+    from trainer.config import config_from_dict, load_config, to_dict
     from tests.test_trainer_support import TINY
 
     submitted = to_dict(load_config(os.path.join(REPO, "configs", "quickstart_cpu.yaml"), _tiny("ref2", "x")))
@@ -163,8 +187,9 @@ def test_sigkill_of_a_worker_node_mid_run_resumes_to_the_uninterrupted_weights(c
     assert killed >= 3, "raylet, agents and the rank on that node"
     cluster.add_worker("w3")  # the replacement: the run needs two 1-CPU nodes again
     status = _wait_for_end(cluster, job_id)
-    logs = _logs(cluster, job_id)
+    logs = _cli_logs(cluster, job_id)
     assert status == "SUCCEEDED", logs[-8000:]
+    assert _cli_status(cluster, job_id) == "SUCCEEDED"
     assert f"resumed from {store.display(first)}" in logs or "resumed from" in logs
     assert store.latest_committed() == STEPS
     model, ema = final_weights(store.step_path(STEPS))

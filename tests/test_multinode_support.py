@@ -90,8 +90,11 @@ class LocalCluster:
     auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
     nodes: list[str] = field(default_factory=list)
     wrappers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    killed: list[str] = field(default_factory=list)
     # Ray's sockets live under its temp dir and AF_UNIX paths are limited to 107 bytes: keep it short
     ray_temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dipray-", dir="/tmp"))
+    _job_client: object = field(default=None, repr=False)
+    _state_client: object = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -116,16 +119,24 @@ class LocalCluster:
             env.update(GCS_HEALTH_CHECK)
         return env
 
-    def _ray_start(self, node: str, args: list[str]) -> None:
-        common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={self.object_store_bytes}",
-                  f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
-        log = open(os.path.join(self.root, f"ray-start-{node}.log"), "w")
-        out = subprocess.run([os.path.join(BIN, "ray"), "start", *args, *common], env=self._env(node), cwd=self.root,
-                             stdout=log, stderr=subprocess.STDOUT, timeout=180)
-        log.close()
-        if out.returncode != 0:
-            raise RuntimeError(f"ray start for {node} failed: {open(log.name).read()[-3000:]}")
-        self.nodes.append(node)
+    def _ray_start(self, node: str, args: list[str], tries: int = 4) -> None:
+        """`ray start` of one node. Ray gives a starting node a fixed 30 s to register with the GCS; on a
+        2-core machine at a load of 30 that can pass: then the node's processes are SIGKILLed and it is
+        started again (the failure is Ray's startup wait, not what the tests check)."""
+        for attempt in range(1, tries + 1):
+            common = ["--node-ip-address=127.0.0.1", f"--object-store-memory={self.object_store_bytes}",
+                      f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+            log_path = os.path.join(self.root, f"ray-start-{node}-{attempt}.log")
+            with open(log_path, "w") as log:
+                out = subprocess.run([os.path.join(BIN, "ray"), "start", *args, *common], env=self._env(node),
+                                     cwd=self.root, stdout=log, stderr=subprocess.STDOUT, timeout=180)
+            if out.returncode == 0:
+                self.nodes.append(node)
+                return
+            text = open(log_path).read()
+            if "timed out during startup" not in text or attempt == tries:
+                raise RuntimeError(f"ray start for {node} failed (try {attempt}): {text[-3000:]}")
+            sigkill(self.node_processes(node))  # what this try left behind, before the next one
 
     def start_head(self) -> None:
         os.makedirs(self.root, exist_ok=True)
@@ -157,7 +168,7 @@ class LocalCluster:
         return proc
 
     def wait_for_job_server(self, timeout_s: float = 120.0) -> None:
-        from cluster.submit import connect  # the client `dip` uses, with Ray's auth token
+        from cluster.ray_jobs import connect  # the client `dip` uses, with Ray's auth token
 
         saved = {k: os.environ.get(k) for k in self.client_env}
         os.environ.update(self.client_env)  # connect() reads the token from the environment
@@ -178,23 +189,56 @@ class LocalCluster:
                 else:
                     os.environ[key] = value
 
-    def alive_worker_nodes(self) -> int:
-        """Worker nodes the GCS counts as alive (asked through a short-lived ray.init-free CLI call)."""
-        out = subprocess.run([os.path.join(BIN, "ray"), "list", "nodes", f"--address={self.gcs_address}",
-                              "--format=json", "--filter", "state=ALIVE"],
-                             env=self._env("cli"), capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            return -1
-        nodes = json.loads(out.stdout)
-        return sum(1 for n in nodes if not n.get("is_head_node"))
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth_token}"}
 
-    def wait_for_workers(self, count: int, timeout_s: float = 120.0) -> None:
+    def job_client(self):
+        """Ray's JobSubmissionClient for this cluster, in this process (one per cluster): what the tests
+        poll job status and logs through, instead of a `dip jobs ...` process per look."""
+        from ray.job_submission import JobSubmissionClient
+
+        if self._job_client is None:
+            self._job_client = JobSubmissionClient(self.address, headers=self.auth_headers)
+        return self._job_client
+
+    def alive_worker_nodes(self) -> set[str]:
+        """Names of the worker nodes the GCS counts as alive (Ray's state API over the dashboard, in-process)."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        if self._state_client is None:
+            self._state_client = StateApiClient(self.address, headers=self.auth_headers)
+        nodes = self._state_client.list(StateResource.NODES, options=ListApiOptions(filters=[("state", "=", "ALIVE")]),
+                                        raise_on_missing_output=False)
+        return {node.node_name for node in nodes if not node.is_head_node}
+
+    def wait_for_workers(self, count: int, timeout_s: float = 180.0) -> None:
+        """Until the GCS counts exactly `count` alive worker nodes, none of them one this harness killed (a
+        SIGKILLed node stays alive to the GCS until its health checks fail: ~5 s here)."""
+        deadline = time.monotonic() + timeout_s
+        alive: set[str] | str = set()
+        while time.monotonic() < deadline:
+            try:
+                alive = self.alive_worker_nodes()
+            except Exception as err:  # the dashboard is busy or restarting its state module: look again
+                alive = f"unknown ({err})"
+            if isinstance(alive, set) and len(alive) == count and not alive & set(self.killed):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"expected {count} alive worker nodes (none of the killed {self.killed}), have {alive}")
+
+    def wait_until_dead(self, node: str, timeout_s: float = 120.0) -> None:
+        """Until the GCS no longer counts `node` (SIGKILLed) as alive."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.alive_worker_nodes() == count:
-                return
-            time.sleep(1.0)
-        raise TimeoutError(f"expected {count} alive worker nodes, have {self.alive_worker_nodes()}")
+            try:
+                if node not in self.alive_worker_nodes():
+                    return
+            except Exception:  # the dashboard is busy: look again
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"the GCS still counts node {node} as alive after {timeout_s} s")
 
     def node_processes(self, node: str) -> list[psutil.Process]:
         return [p for p in processes_with("DIP_TEST_CLUSTER", self.cluster_id) if _environ(p.pid).get("DIP_TEST_NODE") == node]
@@ -203,6 +247,7 @@ class LocalCluster:
         """A node dies: SIGKILL its raylet, agents and Ray workers at once."""
         if node in self.nodes:
             self.nodes.remove(node)
+        self.killed.append(node)
         return sigkill(self.node_processes(node))
 
     def plain_worker_nodes(self) -> list[str]:

@@ -49,8 +49,8 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
     (DIP_FAULT_NAN_AT=2:1). One pair of processes for all configs."""
     import torch
 
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     def changed(a: dict, b: dict) -> list[str]:
         return sorted(k for k in a if not torch.equal(a[k], b[k]))  # NaN != NaN: a NaN anywhere counts
@@ -76,7 +76,7 @@ def _skip_one_poisoned_step(rank: int, world: int, configs: list[dict], store_di
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     return prepare_dataset(config_from_dict(TINY).data, str(tmp_path_factory.mktemp("nonfinite-data"))).path
 
@@ -110,7 +110,8 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
     from mlflow.tracking import MlflowClient
 
     from cluster.cli.main import TrainingFailed
-    from cluster.driver.launch import launch, run_paths
+    from cluster.driver.launch import launch
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.manager import load_train_state
     from trainer.checkpoint.store import CheckpointStore
     from trainer.faults import read_ledger

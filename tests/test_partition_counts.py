@@ -20,8 +20,8 @@ STAGES = (2, 3)
 
 def _save_one_step(rank: int, world: int, configs: list[dict], store_dir: str) -> list[str]:
     """For each config: one step of the real loop, then a committed checkpoint; returns the step dirs."""
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     dirs = []
     for index, cfg_dict in enumerate(configs):
@@ -40,7 +40,7 @@ def _save_one_step(rank: int, world: int, configs: list[dict], store_dir: str) -
 @pytest.fixture(scope="module")
 def step_dirs(tmp_path_factory) -> dict[int, str]:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     root = tmp_path_factory.mktemp("partition-counts")
     shards = prepare_dataset(config_from_dict(TINY).data, str(root / "data")).path

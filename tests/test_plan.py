@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from cluster.plan import (GiB, Hardware, activation_breakdown, count_parameters, format_plan, make_plan,
-                          model_states, parse_size)
+from cluster.planning.activations import activation_breakdown
+from cluster.planning.memory import GiB, Hardware, count_parameters, make_plan, model_states, parse_size
+from cluster.planning.report import format_plan
 from models.registry import dip_config
-from trainer.config.sections import load_config
+from trainer.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {name: os.path.join(REPO, "configs", f"{name}.yaml") for name in ("dip_xl16_256", "dip_xl32_512", "dip_xl64_1024")}

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 
-from cluster.plan import activation_breakdown
+from cluster.planning.activations import activation_breakdown
 from models.dip import DiPConfig
 
 pytestmark = pytest.mark.slow  # a child process doing ~30 s of CPU work

@@ -48,7 +48,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_engine, build_objective_module
     from trainer.loop.training_ema import build_training_ema
 
@@ -63,7 +63,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
         before = _live_tensor_bytes()
         module = build_objective_module(cfg)
         before_ema = _live_tensor_bytes()
-        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/loop/worker.py
+        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/loop/run.py
         ema_bytes = _live_tensor_bytes() - before_ema
         engine = build_engine(cfg, module, cfg.batch_split(WORLD))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -103,8 +103,8 @@ def measured(request, tmp_path_factory):
 
 
 def _plan_states(precision: str, stage: int):
-    from cluster.plan import count_parameters, model_states
-    from trainer.config.sections import config_from_dict
+    from cluster.planning.memory import count_parameters, model_states
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict({"model": {"name": MODEL, "num_classes": 10}, "data": {"resolution": 32},
                             "train": {"precision": precision}})

@@ -1,6 +1,6 @@
 """The ZeRO-3 EMA kept sharded (trainer.loop.training_ema.ShardedEMA) against the gathered EMA it replaced.
 
-The trainer's own loop (trainer.loop.worker.TrainingRun, DeepSpeed ZeRO-3 on CPU, gloo) runs in real
+The trainer's own loop (trainer.loop.run.TrainingRun, DeepSpeed ZeRO-3 on CPU, gloo) runs in real
 processes (no Ray). Next to it, each step, the test runs the old path (trainer.loop.training_ema.
 gathered_update: gather the whole denoiser, update a whole fp32 models.ema.EMA on rank 0, built
 from the same initial weights):
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     cfg = config_from_dict(TINY)
     return prepare_dataset(cfg.data, str(tmp_path_factory.mktemp("sharded-ema-data"))).path
@@ -50,10 +50,10 @@ def train(rank: int, world: int, cfg_dict: dict, store_dir: str, until: int, sav
     """One rank: resume from store_dir if it holds a checkpoint, step to `until` beside the gathered
     reference, save at `save_at`."""
     from models.ema import EMA
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
     from trainer.loop.engine import build_objective_module
     from trainer.loop.training_ema import ShardedEMA, gathered_update
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     cfg = config_from_dict(cfg_dict)
     # the old path's rank-0 EMA: the same initial weights (the same seed), before DeepSpeed casts them

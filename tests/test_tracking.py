@@ -166,7 +166,7 @@ def test_system_metrics_log_even_a_run_shorter_than_one_interval_under_its_node_
 
 
 def test_system_metrics_follow_the_switch_and_sample_once_per_node():
-    from trainer.config.sections import TrackingSection
+    from trainer.config import TrackingSection
     from trainer.tracking.run_logger import node_placement, placement, start_system_metrics
 
     assert start_system_metrics(TrackingSection(system_metrics=False), "sqlite:///unused.db", "r" * 32, 0) is None

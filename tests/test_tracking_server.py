@@ -67,7 +67,8 @@ def test_training_logs_to_a_tracking_server_and_survives_its_loss(tmp_path, ray_
                                                                    monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from cluster.driver.launch import launch, run_paths
+    from cluster.driver.launch import launch
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.store import CheckpointStore
 
     cfg = tiny_config(tmp_path, "served", [f"tracking.uri={mlflow_server.uri}", "tracking.flush_timeout_s=3"])

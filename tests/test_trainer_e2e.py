@@ -13,9 +13,10 @@ pytestmark = pytest.mark.slow
 def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, monkeypatch):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from cluster.driver.launch import launch, plan_resume
+    from cluster.driver.launch import launch
+    from cluster.driver.resume import plan_resume
     from trainer.checkpoint.store import CheckpointStore
-    from cluster.cli.export import export
+    from trainer.export import export
     from trainer.model_io import load_sampling_model
 
     cfg = tiny_config(tmp_path, "e2e", ["train.max_steps=8", "checkpoint.keep=1", "checkpoint.async_save=true",
@@ -95,7 +96,7 @@ def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypat
     from PIL import Image
 
     from cluster.cli.main import main
-    from cluster.cli.sample import sample_pixels
+    from trainer.sampling import sample_pixels
     from trainer.loop.step_metrics import flops_per_image
 
     run_id, uri = summary.mlflow_run_id, summary.tracking_uri
@@ -153,7 +154,8 @@ def test_a_shard_truncated_mid_run_costs_its_samples_not_the_run(tmp_path, ray_c
     import time
 
     from cluster.cli.main import main as dip
-    from cluster.driver.launch import launch, run_paths
+    from cluster.driver.launch import launch
+    from cluster.driver.prepare import run_paths
     from trainer.checkpoint.store import CheckpointStore
 
     shards = tmp_path / "shards"

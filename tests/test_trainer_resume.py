@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow
 def test_a_zero2_run_of_two_workers_resumes_on_one_when_the_global_batch_is_kept(tmp_path, ray_cluster):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from cluster.driver.launch import launch, plan_resume
+    from cluster.driver.launch import launch
+    from cluster.driver.resume import plan_resume
     from trainer.checkpoint.manager import load_train_state
     from trainer.checkpoint.store import CheckpointStore
     from trainer.checkpoint.repartition import ZeroCheckpoint

@@ -24,7 +24,7 @@ TINY = {
 
 
 def tiny_config(tmp_path, run_name: str, overrides: list[str] = ()):
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     raw = {**TINY, "run_name": run_name, "output_dir": str(tmp_path / "runs")}
     # every run of a test shares one synthetic cache: prepared once, read by all
@@ -47,7 +47,7 @@ def ray_cluster():
 
 def final_weights(step_dir: str) -> tuple[dict, dict]:
     """(raw model weights consolidated from the ZeRO shards, EMA weights from ema.pt)."""
-    from cluster.cli.export import consolidated_model_weights
+    from trainer.export import consolidated_model_weights
 
     ema = torch.load(os.path.join(step_dir, "ema.pt"), map_location="cpu", weights_only=True)["state_dict"]
     return consolidated_model_weights(step_dir), ema

@@ -39,18 +39,10 @@ def register(subparsers) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    from data.sources import ImageFolderSource, SyntheticSource
+    from data.sources import open_source
     from data.writer import ShardOptions, parse_size, write_shards
 
-    if args.src == "synthetic":
-        if args.num_images is None:
-            raise ValueError("--src synthetic needs --num-images K (and optionally --classes C --seed S)")
-        generate_at = args.resolution or 64
-        source = SyntheticSource(args.num_images, args.classes, generate_at, args.seed)
-    else:
-        if args.num_images is not None:
-            raise ValueError("--num-images applies to --src synthetic only")
-        source = ImageFolderSource(args.src)
+    source = open_source(args.src, args.num_images, args.classes, args.resolution, args.seed)
     options = ShardOptions(out=args.out, format=args.format, resolution=args.resolution, encoding=args.encoding,
                            jpeg_quality=args.jpeg_quality, shard_size=parse_size(args.shard_size),
                            workers=args.workers, overwrite=args.overwrite, order_seed=args.order_seed,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.cli.sample import parse_interval
+from cluster.cli.options import add_sampling_arguments
 
 IS_NOTE = "IS n/a: the FID Inception weights have no 1008-class logits, so the Inception Score is not computed"
 
@@ -41,12 +41,7 @@ def register(subparsers) -> None:
     run.add_argument("--ref", required=True,
                      help="reference statistics .npz (dip eval ref-stats, or an ADM reference batch)")
     run.add_argument("--num-samples", type=int, default=50_000)
-    run.add_argument("--steps", type=int, default=100)
-    run.add_argument("--method", default="euler", choices=("euler", "heun"))
-    run.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
-    run.add_argument("--interval", type=parse_interval, default=(0.0, 1.0), help="guidance interval LO,HI")
-    run.add_argument("--timeshift", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(run, cfg_help="guidance scale (1 = no guidance)", interval_help="guidance interval LO,HI")
     run.add_argument("--image-size", type=int, default=None,
                      help="a multiple of the patch size (default: the resolution the checkpoint's run trained "
                           "at; 16 patches a side when the file does not record it)")
@@ -104,58 +99,31 @@ def _ref_stats(args) -> int:
 
 
 def _fid(args) -> int:
-    from trainer.eval.images import ImageSet
-    from trainer.eval.inception import InceptionFeatures, extract_features
-    from trainer.eval.metrics import GaussianStats, frechet_distance, precision_recall
+    from trainer.eval.compare import SetStatisticsReader, compare_sets
 
-    extractor = None
-    device = _device(args.device)
+    reader = SetStatisticsReader(_device(args.device), args.batch_size, _progress)
     sides = []
     for path in (args.path_a, args.path_b):
-        stats = _stats_file(path)
-        if stats is not None:
-            print(f"{path}: precomputed statistics")
-            sides.append(stats)
-            continue
-        images = ImageSet(path)
-        extractor = extractor or InceptionFeatures().to(device)
-        with _progress(len(images), path) as bar:
-            pool, spatial = extract_features(extractor, images.batches(args.batch_size), device, bar.update)
-        print(f"{path}: {len(pool)} images ({images.skipped} unreadable, skipped)")
-        sides.append((GaussianStats.of(pool), GaussianStats.of(spatial), pool))
-    (pool_a, spatial_a, feats_a), (pool_b, spatial_b, feats_b) = sides
-    if spatial_a is not None and spatial_b is not None:
-        print(f"sFID {frechet_distance(spatial_a, spatial_b, method=args.fid_method):.10g}")
-    if feats_a is not None and feats_b is not None and min(len(feats_a), len(feats_b)) > 3:
-        precision, recall = precision_recall(feats_a, feats_b)
-        print(f"precision {precision:.6g} recall {recall:.6g} (of {args.path_b} against {args.path_a})")
+        stats = reader.read(path)
+        print(f"{path}: precomputed statistics" if stats.images is None
+              else f"{path}: {stats.images} images ({stats.skipped} unreadable, skipped)")
+        sides.append(stats)
+    result = compare_sets(*sides, fid_method=args.fid_method)
+    if result.sfid is not None:
+        print(f"sFID {result.sfid:.10g}")
+    if result.precision is not None:
+        print(f"precision {result.precision:.6g} recall {result.recall:.6g} (of {args.path_b} against {args.path_a})")
     print(IS_NOTE)
-    print(f"FID {frechet_distance(pool_a, pool_b, method=args.fid_method):.10g}")
+    print(f"FID {result.fid:.10g}")
     return 0
-
-
-def _stats_file(path: str):
-    """(pool stats, spatial stats or None, None) for a statistics .npz with mu/sigma, else None."""
-    import numpy as np
-
-    from trainer.eval.metrics import GaussianStats
-
-    if not path.endswith(".npz"):
-        return None
-    with np.load(path) as data:
-        if not {"mu", "sigma"} <= set(data.files):
-            return None
-        spatial = GaussianStats(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= set(data.files) else None
-        return GaussianStats(data["mu"], data["sigma"]), spatial, None
 
 
 def _run(args) -> int:
     import ray
 
-    from trainer.model_io import checkpoint_facts
-
     from trainer.eval.pool import EvalPool
     from trainer.eval.spec import SamplingSpec
+    from trainer.model_io import checkpoint_facts
 
     image_size, num_classes = args.image_size, args.num_classes
     if image_size is None or os.path.exists(args.checkpoint):  # else only the cluster's nodes can read it

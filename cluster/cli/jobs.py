@@ -1,4 +1,5 @@
-"""`dip submit`, `dip jobs list|status|logs|stop` and `dip plan`.
+"""`dip submit` and `dip jobs list|status|logs|stop`: parsing and printing; the job is built by
+cluster/submit.py and every call to the cluster's job server is in cluster/ray_jobs.py.
 
 Registration is cheap: ray, mlflow and torch are imported inside the handlers.
 """
@@ -8,15 +9,12 @@ import argparse
 import sys
 import time
 
-from cluster.cli.main import add_config_arguments
-
-ADDRESS_HELP = "the Ray job server, http://HEAD:8265 (default: $RAY_ADDRESS)"
+from cluster.cli.options import add_config_arguments, add_job_server_address
 
 
 def register(subparsers) -> None:
     _register_submit(subparsers)
     _register_jobs(subparsers)
-    _register_plan(subparsers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,7 +33,7 @@ def _register_submit(subparsers) -> None:
                "      output_dir=/shared/runs checkpoint.path=s3://my-bucket/dip data.path=s3://my-bucket/imagenet-256\n"
                "  dip submit configs/quickstart_cpu.yaml output_dir=/tmp/runs --deps pip --env OMP_NUM_THREADS=1")
     add_config_arguments(parser, "a YAML file inside this project (see configs/)")
-    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_server_address(parser)
     parser.add_argument("--deps", choices=("image", "pip"), default="image",
                         help="image: the cluster's Python already has the pinned stack (checked when the job starts); "
                              "pip: Ray installs the pinned list from pyproject.toml into a per-job virtualenv")
@@ -49,6 +47,7 @@ def _register_submit(subparsers) -> None:
 
 
 def run_submit(args) -> int:
+    from cluster import ray_jobs
     from cluster import submit as sub
 
     request = sub.SubmitRequest(config=args.config, overrides=list(args.overrides), address=args.address,
@@ -65,8 +64,8 @@ def run_submit(args) -> int:
         print(f"mlflow     : {sub.redact(metadata['dip.tracking_uri'])}")
         return 0
     try:
-        result = sub.submit(request)
-    except sub.ClusterUnreachable as err:
+        result = ray_jobs.submit(request)
+    except ray_jobs.ClusterUnreachable as err:
         print(f"dip submit: error: {err}", file=sys.stderr)
         return 2
     print(f"job id     : {result.job_id}")
@@ -86,22 +85,22 @@ def _register_jobs(subparsers) -> None:
                                    description="Manage Ray Jobs submitted with `dip submit` (Ray Jobs SDK).")
     jobs = parser.add_subparsers(dest="jobs_command", metavar="ACTION")
     listing = jobs.add_parser("list", help="all jobs on the cluster, newest first")
-    listing.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_server_address(listing)
     listing.set_defaults(handler=run_jobs_list)
     status = jobs.add_parser("status", help="a job's status, dashboard link and MLflow run link")
     status.add_argument("job_id")
-    status.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_server_address(status)
     status.set_defaults(handler=run_jobs_status)
     logs = jobs.add_parser("logs", help="a job's driver logs")
     logs.add_argument("job_id")
     logs.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-    logs.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_server_address(logs)
     logs.set_defaults(handler=run_jobs_logs)
     stop = jobs.add_parser("stop", help="stop a job: the run writes a final checkpoint, then exits")
     stop.add_argument("job_id")
     stop.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="wait up to this long for the job to end")
-    stop.add_argument("--address", default=None, help=ADDRESS_HELP)
+    add_job_server_address(stop)
     stop.set_defaults(handler=run_jobs_stop)
     parser.set_defaults(handler=lambda args: (parser.print_help(), 2)[1])
 
@@ -111,7 +110,7 @@ def _when(seconds: float | None) -> str:
 
 
 def _connect_or_report(fn, *args):
-    from cluster.submit import ClusterUnreachable
+    from cluster.ray_jobs import ClusterUnreachable
 
     try:
         return fn(*args), 0
@@ -121,7 +120,7 @@ def _connect_or_report(fn, *args):
 
 
 def run_jobs_list(args) -> int:
-    from cluster.submit import list_jobs
+    from cluster.ray_jobs import list_jobs
 
     jobs, code = _connect_or_report(list_jobs, args.address)
     if code:
@@ -137,7 +136,7 @@ def run_jobs_list(args) -> int:
 
 
 def run_jobs_status(args) -> int:
-    from cluster.submit import dashboard_job_url, job_status, mlflow_link
+    from cluster.ray_jobs import dashboard_job_url, job_status, mlflow_link
 
     found, code = _connect_or_report(job_status, args.address, args.job_id)
     if code:
@@ -157,7 +156,7 @@ def run_jobs_status(args) -> int:
 
 
 def run_jobs_logs(args) -> int:
-    from cluster.submit import follow_logs, job_logs
+    from cluster.ray_jobs import follow_logs, job_logs
 
     if args.follow:
         status, code = _connect_or_report(follow_logs, args.address, args.job_id)
@@ -173,46 +172,10 @@ def run_jobs_logs(args) -> int:
 
 
 def run_jobs_stop(args) -> int:
-    from cluster.submit import stop_job
+    from cluster.ray_jobs import stop_job
 
     status, code = _connect_or_report(stop_job, args.address, args.job_id, args.wait)
     if code:
         return code
     print(f"job {args.job_id}: {status}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-#                                            dip plan
-# ----------------------------------------------------------------------------------------------
-
-def _register_plan(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "plan", help="per-GPU memory of a config for every ZeRO stage, and the largest micro-batch",
-        description="Print, for ZeRO stages 0-3, the per-GPU memory of parameters, gradients, optimizer states, "
-                    "EMA and activations (with and without activation checkpointing), the largest micro-batch "
-                    "that fits and the resulting global batch. Warns when the config will not fit.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  dip plan configs/dip_xl16_256.yaml --gpus 8 --gpu-memory 80GB\n"
-               "  dip plan configs/dip_xl64_1024.yaml --gpus 8 --gpu-memory 80GB model.activation_checkpointing=false")
-    add_config_arguments(parser)
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs (data-parallel ranks); default: cluster.num_workers")
-    parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB, 24GiB (default 80GB)")
-    parser.add_argument("--reserve", default="2GB",
-                        help="per-GPU memory kept back for the CUDA context, NCCL/cuDNN workspaces and "
-                             "fragmentation (default 2GB)")
-    parser.set_defaults(handler=run_plan)
-
-
-def run_plan(args) -> int:
-    from cluster.plan import Hardware, format_elastic_ends, format_plan, make_plan, parse_size
-    from trainer.config.sections import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    gpus = cfg.cluster.max_workers if args.gpus is None else args.gpus
-    hardware = Hardware(gpus=gpus, gpu_memory=parse_size(args.gpu_memory), reserve=parse_size(args.reserve))
-    plan = make_plan(cfg, hardware, config_name=args.config)
-    print(format_plan(plan))
-    if cfg.cluster.elastic:
-        print(format_elastic_ends(cfg, hardware))
     return 0

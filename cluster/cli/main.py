@@ -5,13 +5,16 @@ and sets `handler=` on them. Registration must stay cheap: heavy imports (torch,
 mlflow) happen inside the handlers, so `dip --help` and bad flags answer instantly.
 
 Every subcommand takes its options, positionals and `key=value` overrides in any order
-(AnyOrderParser below: the one place that decides how `dip` parses).
+(AnyOrderParser below: the one place that decides how `dip` parses). Flags that several
+subcommands take are defined once, in cluster/cli/options.py.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+from cluster.driver.errors import TrainingFailed
 
 # One module per subcommand group. Order is the order shown by `dip --help`.
 COMMAND_MODULES = (
@@ -20,7 +23,8 @@ COMMAND_MODULES = (
     "cluster.cli.sample",  # dip sample
     "cluster.cli.export",  # dip export
     "cluster.cli.eval",    # dip eval ref-stats | fid | run
-    "cluster.cli.jobs",    # dip submit / jobs / plan
+    "cluster.cli.jobs",    # dip submit / jobs
+    "cluster.cli.plan",    # dip plan
 )
 
 
@@ -51,20 +55,6 @@ class AnyOrderParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
-
-
-class TrainingFailed(RuntimeError):
-    """A run stopped for a reason its message explains, with what to do (e.g. training diverged after
-    its allowed rollbacks): `dip` prints the message as one line and exits 1."""
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "a YAML file (see configs/)") -> None:
-    """CONFIG.yaml [key=value ...]: the positionals of every command that loads a training config."""
-    parser.add_argument("config", help=config_help)
-    # default=[]: a '*' positional without one is "required" (argparse lists it as missing next to config)
-    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                        help="override any config key, e.g. train.max_steps=500 cluster.num_workers=4 "
-                             "(anywhere on the line, before or after the options)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.cli.main import add_config_arguments
+from cluster.cli.options import add_config_arguments
 
 
 def register(subparsers) -> None:
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trainer.config.sections import load_config, to_yaml
+    from trainer.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.check:
@@ -29,7 +29,7 @@ def run(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from cluster.driver.launch import launch
-    from trainer.loop.worker import configure_logging
+    from trainer.loop.run import configure_logging
 
     configure_logging()  # the driver's own lines too: eval results, checkpoint notices
     try:

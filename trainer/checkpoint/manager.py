@@ -39,7 +39,7 @@ from data.remote import process_token, token_alive
 from trainer import faults
 from trainer.checkpoint.deepspeed_io import load_engine, snapshot_engine, to_host
 from trainer.checkpoint.store import EMA_FILE, TRAIN_STATE, CheckpointStore, step_name
-from trainer.loop.rng import capture_rng, restore_rng
+from trainer.checkpoint.rng_state import capture_rng, restore_rng
 
 log = logging.getLogger("dip.checkpoint")
 

@@ -7,7 +7,7 @@ import shutil
 import time
 
 from trainer.checkpoint.store import EMA_FILE, CheckpointStore
-from trainer.config.sections import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig
+from trainer.config import SYNTHETIC_REF, SYNTHETIC_REF_START, TrainConfig
 
 log = logging.getLogger("dip.eval")
 EVAL_IMAGE_KEY = "eval/samples"  # the MLflow image key of eval grids (as trainer.eval.tracking logs them)

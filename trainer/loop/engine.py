@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from trainer.config.sections import BatchSplit, TrainConfig
+from trainer.config import BatchSplit, TrainConfig
 from trainer.loop.nonfinite import guard_plain_optimizer
 
 

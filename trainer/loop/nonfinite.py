@@ -15,10 +15,8 @@ NaN or Inf. It is skipped without touching DeepSpeed's gradient-accumulation boo
 * The loop updates the EMA only when `engine.skipped_steps` did not move (`StepGuard.applied`).
 
 `train.nonfinite_patience` (K) skipped steps in a row roll the run back to its last committed
-checkpoint and skip the data since it (trainer.loop.worker.TrainingRun.roll_back); after
-`train.max_rollbacks` rollbacks the next one stops the run: the workers end with the reason in their
-summary, and the driver raises cluster.cli.main.TrainingFailed (FAILED in MLflow, the last committed
-checkpoint kept as the last good one).
+checkpoint and skip the data since it; after `train.max_rollbacks` rollbacks the next one stops the
+run (trainer.loop.recovery: the policy; this module: the mechanism of a skip).
 """
 from __future__ import annotations
 

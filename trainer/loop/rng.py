@@ -6,8 +6,8 @@ So the same step on 1 worker x 2 accumulations and on 2 workers x 1 computes the
 floating-point reduction order), a resize mid-run changes nothing the loss sees, and there is no
 generator state to save or to lose.
 
-The process-wide RNGs (python, numpy, torch, CUDA) are captured per rank as plain tensors/lists (the
-state must load with torch.load(weights_only=True), so numpy's ndarray becomes a list).
+The process-wide RNGs are seeded here; a checkpoint captures and restores them per rank
+(trainer.checkpoint.rng_state).
 """
 from __future__ import annotations
 
@@ -37,27 +37,6 @@ def keyed_draws(seed: int, step: int, keys: list[str], image_shape: tuple[int, .
         uniform.append(torch.rand(1, device=device, generator=generator))
         noise.append(torch.randn(image_shape, device=device, generator=generator))
     return Draws(torch.cat(normal_t), torch.cat(uniform), torch.stack(noise))  # (B,), (B,), (B, C, H, W)
-
-
-def capture_rng() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.config.sections import SamplesSection
+from trainer.config import SamplesSection
 
 GUTTER = 2  # white pixels around and between the tiles of a saved grid, before upscaling
 

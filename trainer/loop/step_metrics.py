@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.config.sections import REPA_TINY, TrainConfig
+from trainer.config import REPA_TINY, TrainConfig
 from trainer.tracking.mfu import mfu_report
 
 
