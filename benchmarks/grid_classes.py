@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+JUDGE_THREADS = 2  # fixed, whatever the machine: the judge's score of a grid must not depend on it
 
 
 def classifier(classes: int):
@@ -29,6 +30,19 @@ def classifier(classes: int):
 
 def train_classifier(resolution: int, classes: int, images: int, epochs: int, seed: int = 11):
     """A CNN trained on `images` synthetic images of generation seed `seed`; returns (model, held-out acc)."""
+    import torch
+
+    # The same grid must get the same score on any machine and load: a fixed seed, and a fixed thread
+    # count (a CPU conv's reductions are split per thread, so their rounding follows the count).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(JUDGE_THREADS)
+    try:
+        return _train(resolution, classes, images, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(resolution: int, classes: int, images: int, epochs: int, seed: int):
     import torch
     import torch.nn.functional as F
 
@@ -52,6 +66,19 @@ def train_classifier(resolution: int, classes: int, images: int, epochs: int, se
     with torch.no_grad():
         accuracy = (model(to_pm1(x_test)).argmax(1) == y_test).float().mean().item()
     return model, accuracy
+
+
+def predict(model, tiles):
+    """The judge's class for each tile (N, 3, H, W) in [-1, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return model(tiles).argmax(1)
+
+
+def judge_tiles(model, tiles, rows) -> int:
+    """How many tiles the judge classifies as their row's class."""
+    return int((predict(model, tiles) == rows).sum())
 
 
 def grid_tiles(path: str, resolution: int, rows: int):
@@ -94,8 +121,7 @@ def main() -> int:
     model, held_out = train_classifier(args.resolution, args.classes, args.train_images, args.epochs)
     print(f"classifier: {held_out:.3f} accuracy on held-out synthetic images ({time.monotonic() - start:.0f} s)")
     tiles, rows = grid_tiles(args.grid, args.resolution, args.classes)
-    with torch.no_grad():
-        predicted = model(tiles).argmax(1)
+    predicted = predict(model, tiles)
     for r in range(args.classes):
         mine = rows == r
         print(f"row {r}: {int((predicted[mine] == r).sum())}/{int(mine.sum())} tiles classified as class {r}")
