@@ -4,7 +4,7 @@ The quickstart's grid (runs/quickstart/samples/final.png) has one row per class.
 small CNN classifier on freshly generated synthetic images (a seed the run never saw; ~15 s on 2
 cores), cuts the grid into its tiles (the layout of trainer/sample_grid.save_grid) and reports, per
 row, how many tiles it classifies as that row's class. Chance is 1 / classes. The classifier is trained
-at a fixed seed and thread count, so a grid gets the same score on every run and machine.
+at a fixed seed and thread count, so a grid gets the same score on every run, whatever the caller's threads.
 
     python benchmarks/grid_classes.py runs/quickstart/samples/final.png [--resolution 32 --classes 10]
 """
