@@ -231,6 +231,7 @@ class PreparedRun:
     paths: RunPaths
     store: CheckpointStore
     plan: ResumePlan
+    init: object = None              # trainer.checkpoint.init_from.InitSource: train.init_from, when it is loaded
 
 
 def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
@@ -243,22 +244,26 @@ def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
     store.clear_stop_request()  # stale requests of an earlier, stopped attempt
     store.clear_resize_request()
     plan = plan_resume(cfg, store)
+    from trainer.checkpoint.init_from import plan_init  # a source that does not fit is refused before Ray starts
+
+    init, init_notes = plan_init(cfg, store.display(plan.step) if plan.step is not None else None)
     echo(f"dip train: run {cfg.run_name!r} in {paths.run_dir}")
     echo(f"batch: {cfg.batch_arithmetic()}")
     if cfg.cluster.elastic:
         echo(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; the global batch of "
              f"{cfg.global_batch} is kept at every size (the accumulation is re-solved at each restart)")
     echo("resolved config:\n" + "\n".join("  " + line for line in to_yaml(cfg).splitlines()))
-    for note in plan.notes:
+    for note in plan.notes + init_notes:
         echo(f"dip train: {note}")
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     data_cfg = data.prepare_dataset(cfg.data, os.path.join(paths.run_dir, "data"))
-    return PreparedRun(cfg, replace(cfg, data=data_cfg), paths, store, plan)
+    return PreparedRun(cfg, replace(cfg, data=data_cfg), paths, store, plan, init)
 
 
 def open_tracking(run: PreparedRun):
     """The run's MLflow run (reopened on resume) and the driver's background logger."""
+    from trainer.checkpoint.init_from import tracking_items
     from trainer.tracking.run_logger import RunLogger, git_commit, open_run
 
     cfg = run.cfg
@@ -266,8 +271,9 @@ def open_tracking(run: PreparedRun):
             "device_kind": "cuda" if cfg.cluster.use_gpu else "cpu", "config_hash": config_hash(cfg),
             "precision": cfg.train.precision, "global_batch": str(cfg.global_batch),
             "workers": str(cfg.cluster.num_workers if not cfg.cluster.elastic else list(cfg.cluster.num_workers))}
-    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags,
-                      run.paths.artifact_dir, run.plan.mlflow_run_id)
+    init_params, init_tags = tracking_items(run.init)  # where the starting weights came from
+    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, {**flatten(cfg), **init_params},
+                      {**tags, **init_tags}, run.paths.artifact_dir, run.plan.mlflow_run_id)
     driver_log = RunLogger(run.paths.tracking_uri, run_id)
     driver_log.log_artifact(os.path.join(run.paths.run_dir, "config.yaml"),
                             "config" if run.plan.step is None else f"config/resume-{step_name(run.plan.step)}")
@@ -405,7 +411,10 @@ def _write_model_card(cfg: TrainConfig, paths: RunPaths, run_id: str, latest: in
              f"- final loss (last logging interval): {metrics.get('last_loss', 'unknown')}",
              f"- checkpoint: {paths.checkpoint_uri}/{step_name(latest) if latest is not None else '(none)'} "
              "(ema.pt is the sampling model)",
-             f"- data: {cfg.data.path}", f"- config hash: {config_hash(cfg)}", f"- MLflow run: {run_id}", ""]
+             f"- data: {cfg.data.path}", f"- config hash: {config_hash(cfg)}", f"- MLflow run: {run_id}"]
+    if cfg.train.init_from:
+        lines.append(f"- initialised from: {cfg.train.init_from} ({cfg.train.init_weights} weights)")
+    lines.append("")
     with open(card, "w") as f:
         f.write("\n".join(lines))
     tracker.log_artifact(card)

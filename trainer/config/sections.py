@@ -23,6 +23,7 @@ from data.config import DataConfig
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 RESUME_MODES = ("auto", "never")
+INIT_WEIGHTS = ("ema", "raw")
 SAMPLING_METHODS = ("euler", "heun")
 MODEL_WEIGHTS = ("auto", "copy", "reference")
 SYNTHETIC_REF = "synthetic"               # eval.ref_stats: held-out images of the synthetic set
@@ -134,6 +135,10 @@ class TrainSection:
     # roll back to the last committed checkpoint and skip the data since it (trainer/loop/nonfinite.py)
     nonfinite_patience: int = 3
     max_rollbacks: int = 2                 # rollbacks per run; one more stops the run (FAILED, checkpoint kept)
+    # start a new run from trained weights (trainer/checkpoint/init_from.py): a step-N/ dir, a checkpoints dir,
+    # a `dip export` file or the authors' checkpoint; "" = from scratch. Ignored once the run has checkpoints
+    init_from: str = ""
+    init_weights: Literal["ema", "raw"] = "ema"   # raw: the trained (non-EMA) weights of the source
 
     def __post_init__(self):
         _positive_int("train.max_steps", self.max_steps)
@@ -146,6 +151,9 @@ class TrainSection:
         _positive_int("train.stop_check_every", self.stop_check_every)
         _positive_int("train.nonfinite_patience", self.nonfinite_patience)
         _positive_int("train.max_rollbacks", self.max_rollbacks, minimum=0)
+        _require(isinstance(self.init_from, str), "train.init_from", self.init_from, "expected a path string")
+        _require(self.init_weights in INIT_WEIGHTS, "train.init_weights", self.init_weights,
+                 f"choose one of {list(INIT_WEIGHTS)}")
 
 
 @dataclass

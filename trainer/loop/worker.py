@@ -2,12 +2,11 @@
 
 Each rank builds the same DiP (same seed), wraps it in a DeepSpeed engine, streams its share of
 the shards, and steps. Every rank keeps the EMA of what it holds (trainer.loop.training_ema: all of it on
-rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to MLflow through a
-background queue, draws sample grids and shows the progress bar. Set-up reads as: split the global
-batch for this world size -> build model, engine, loader -> resume (trainer.checkpoint.manager.CheckpointManager:
-the newest committed checkpoint, written at this world size or another) -> loop (step, log, save,
-grid) -> close. A step with a NaN/Inf loss or gradient norm is skipped on every rank; too many in
-a row roll the run back to its last committed checkpoint (trainer.loop.nonfinite, `roll_back`).
+rank 0 under ZeRO-0/1/2, every rank's partition under ZeRO-3); rank 0 logs to MLflow through a background
+queue, draws sample grids and shows the progress bar. Set-up: split the global batch for this world size
+-> build model (train.init_from: trainer.checkpoint.init_from), engine, loader -> resume (CheckpointManager:
+the newest committed checkpoint, of any world size) -> loop (step, log, save, grid) -> close. A NaN/Inf
+step is skipped on every rank; too many in a row roll back to the last committed one (`roll_back`).
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import torch.distributed as dist
 
 from data.records import to_pm1
 from trainer import faults
+from trainer.checkpoint.init_from import initialise_module
 from trainer.checkpoint.manager import CheckpointManager, Resumed, RunIdentity, TrainProgress
 from trainer.checkpoint.store import CheckpointStore, step_name
 from trainer.config.sections import TrainConfig, config_from_dict, config_hash, to_dict
@@ -103,6 +103,7 @@ class TrainingRun:
         self.model_config = cfg.model.dip_config()
         module = build_objective_module(cfg)
         self.num_params = sum(p.numel() for p in module.denoiser.parameters())
+        self.init_source = initialise_module(module, cfg, self.ctx.checkpoint_uri, self.rank)  # train.init_from
         # the EMA starts from the same initial weights as the model, before DeepSpeed shards or casts them
         self.ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, cfg.train.zero_stage, self.rank,
                                       self.world_size)
