@@ -187,3 +187,14 @@ def test_a_32px_model_warm_starts_a_64px_run_with_a_lower_loss_than_from_scratch
     # from the first step and on average over the first ten
     assert warm_losses[0] < scratch_losses[0]
     assert sum(warm_losses) / 10 < 0.9 * sum(scratch_losses) / 10, (warm_losses, scratch_losses)
+
+
+def test_the_config_keys_are_checked_and_default_to_a_run_from_scratch():
+    from trainer.config.sections import config_from_dict
+
+    cfg = config_from_dict({})
+    assert (cfg.train.init_from, cfg.train.init_weights) == ("", "ema")
+    with pytest.raises(ValueError, match=r"train.init_weights='bogus' is not valid: .*\['ema', 'raw'\]"):
+        config_from_dict({}, ["train.init_weights=bogus"])
+    with pytest.raises(ValueError, match="train.init_from"):
+        config_from_dict({"train": {"init_from": ["a", "b"]}})
