@@ -89,3 +89,24 @@ def test_a_warm_started_64px_run_killed_mid_run_resumes_from_its_own_checkpoint(
     raw = consolidated_weights(os.path.join(source.checkpoint_dir, "step-4"))
     for key, value in module.denoiser.state_dict().items():
         assert torch.equal(value, raw["denoiser." + key].to(value.dtype)), key
+
+
+def test_the_worker_warm_starts_then_resumes_its_own_checkpoint_without_ray(tmp_path):
+    """The same worker path on one gloo rank in a subprocess (tests/init_from_rank.py): no Ray cluster,
+    so it also runs where Ray cannot start in time."""
+    import subprocess
+    import sys
+
+    from tests.data_helpers import free_port
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, os.path.join(repo, "tests", "init_from_rank.py"), str(tmp_path),
+                           str(free_port())], env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("initialised from ema weights of") and "low32/checkpoints/step-4" in line
+               for line in lines), done.stdout
+    assert any("ignored: the run resumes from its own checkpoint" in line and "warm64/checkpoints/step-4" in line
+               for line in lines), done.stdout
+    assert any(line.startswith("resumed from") and "(step 4," in line for line in lines), done.stdout
