@@ -38,7 +38,7 @@ def main() -> int:
     from data.records import to_pm1
     from data.synthetic import reference_images
     from models.ema import EMA
-    from trainer.config.sections import load_config
+    from trainer.config import load_config
     from trainer.loop.engine import build_objective_module, build_optimizer
     from trainer.loop.rng import keyed_draws
     from trainer.loop.sample_grid import sample_grid, save_grid

@@ -16,6 +16,7 @@ from trainer.config import config_hash, flatten, to_dict
 
 def open_tracking(run: PreparedRun):
     """The run's MLflow run (reopened on resume) and the driver's background logger."""
+    from trainer.checkpoint.init_from import tracking_items
     from trainer.tracking.run_logger import RunLogger, git_commit, open_run
 
     cfg = run.cfg
@@ -23,8 +24,9 @@ def open_tracking(run: PreparedRun):
             "device_kind": "cuda" if cfg.cluster.use_gpu else "cpu", "config_hash": config_hash(cfg),
             "precision": cfg.train.precision, "global_batch": str(cfg.global_batch),
             "workers": str(cfg.cluster.num_workers if not cfg.cluster.elastic else list(cfg.cluster.num_workers))}
-    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags,
-                      run.paths.artifact_dir, run.plan.mlflow_run_id)
+    init_params, init_tags = tracking_items(run.init)  # where the starting weights came from
+    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, {**flatten(cfg), **init_params},
+                      {**tags, **init_tags}, run.paths.artifact_dir, run.plan.mlflow_run_id)
     driver_log = RunLogger(run.paths.tracking_uri, run_id)
     driver_log.log_artifact(os.path.join(run.paths.run_dir, "config.yaml"),
                             "config" if run.plan.step is None else f"config/resume-{step_name(run.plan.step)}")
