@@ -139,9 +139,9 @@ def test_a_resume_reads_each_byte_once_same_world_and_only_what_it_needs_re_part
     assert [r["resumed_at"] for r in results] == [1, 1]
     read = _step_bytes(counting_s3.take(), 1)
     read.pop("COMMITTED", 0)
-    # ZeRO-3: each element of the fp32 master and both moments once; ZeRO-1/2: every rank reads the whole
-    # fp32 master (a third of the optimizer files) to rebuild the weights it holds whole, the moments once
-    needed = optim if stage == 3 else 2 * optim / 3 + 2 * optim / 3
+    # ZeRO-3: each element of the fp32 master and both moments once; ZeRO-1/2: the same, and every rank
+    # reads the saved module's weights (the whole model each rank holds; here fp32)
+    needed = optim + (2 * sizes["mp_rank_00_model_states.pt"] if stage <= 2 else 0)
     files_opened = 3 + 1  # per rank: the optimizer files and one model-states file
     overhead = 2 * files_opened * 3 * CHUNK_BYTES  # per rank and file: its zip directory, pickle, range edges
     bound = needed + 2 * train_state + sizes["ema.pt"] + overhead

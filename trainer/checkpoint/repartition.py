@@ -243,6 +243,16 @@ class ZeroCheckpoint:
             return self._read_zero12(place, kind, start, numel)
         return self._read_zero3(place, kind, start, numel)
 
+    def module_weights(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter `name` as the engine's module holds it: the saved module's tensor when it has that
+        dtype (read by range), else the fp32 master cast."""
+        weights = (self.model_state.get("module") or {}).get(name)
+        if weights is None or weights.dtype != dtype:
+            return self.full(name).to(dtype)
+        if not weights.is_meta:
+            return weights.clone()
+        return _Flat(weights.view(-1), self._model_reader).slice(0, weights.numel()).clone()
+
     def full(self, name: str, kind: str = FP32) -> torch.Tensor:
         shape = self._places[name].shape if self.stage else self.model_state["module"][name].shape
         return self.read(name, kind).view(shape)
@@ -357,13 +367,14 @@ def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.single_partition_of_fp32_groups]
     for name, param in named:
-        master = ckpt.full(name)  # read once: every rank holds the whole low-precision model
-        param.data.copy_(master.to(param.dtype))
+        # every rank holds the whole low-precision model: the saved module's weights are those (the fp32
+        # master cast), half the bytes of the master under bf16/fp16
+        param.data.copy_(ckpt.module_weights(name, param.dtype).view_as(param))
         mapping = param._hp_mapping
         if mapping is None:  # no part of this parameter lies in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        mapping.hp_fragment.data.copy_(master.flatten()[lp.start:lp.start + lp.numel])
+        mapping.hp_fragment.data.copy_(ckpt.read(name, FP32, lp.start, lp.numel))
         state = states[mapping.param_group_index]
         for key in MOMENTS:
             state[key].narrow(0, hp.start, hp.numel).copy_(ckpt.read(name, key, lp.start, lp.numel))
