@@ -62,7 +62,34 @@ def _size(record) -> int:
     return int(record["size"]) if isinstance(record, dict) else int(record)
 
 
-def read_verified(fs, path: str, rel: str, record) -> memoryview:
+class MemoryFile(io.RawIOBase):
+    """A seekable read-only file over a bytearray, without the copy io.BytesIO makes of one."""
+
+    def __init__(self, data: bytearray):
+        super().__init__()
+        self.view, self.pos = memoryview(data), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence] + offset
+        return self.pos
+
+    def readinto(self, target) -> int:
+        piece = self.view[self.pos:self.pos + len(target)]
+        target[:len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+
+def read_verified(fs, path: str, rel: str, record) -> bytearray:
     """The whole file, hashed while it is read and checked against its marker record (size always,
     checksum when recorded). Raises ChecksumMismatch naming `rel`."""
     expected = _size(record)
@@ -82,7 +109,7 @@ def read_verified(fs, path: str, rel: str, record) -> memoryview:
     if _checksummed(record) and hasher.hexdigest() != record["checksum"]:
         raise ChecksumMismatch(f"{rel} was altered in place: its {CHECKSUM} checksum is {hasher.hexdigest()}, "
                                f"the COMMITTED marker recorded {record['checksum']} (same size)")
-    return memoryview(buffer)
+    return buffer
 
 
 class RangedReader(io.RawIOBase):

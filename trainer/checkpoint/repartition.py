@@ -367,14 +367,17 @@ def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.single_partition_of_fp32_groups]
     for name, param in named:
-        # every rank holds the whole low-precision model: the saved module's weights are those (the fp32
-        # master cast), half the bytes of the master under bf16/fp16
-        param.data.copy_(ckpt.module_weights(name, param.dtype).view_as(param))
+        # every rank holds the whole low-precision model. Under bf16/fp16 the saved module's weights are
+        # those (the fp32 master cast), half the bytes of the master, and the rank reads its share of the
+        # master besides; under fp32 the master is the model: read once, the share sliced from it
+        master = ckpt.full(name) if param.dtype == torch.float32 else None
+        param.data.copy_((master if master is not None else ckpt.module_weights(name, param.dtype)).view_as(param))
         mapping = param._hp_mapping
         if mapping is None:  # no part of this parameter lies in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        mapping.hp_fragment.data.copy_(ckpt.read(name, FP32, lp.start, lp.numel))
+        mapping.hp_fragment.data.copy_(master.flatten()[lp.start:lp.start + lp.numel] if master is not None
+                                       else ckpt.read(name, FP32, lp.start, lp.numel))
         state = states[mapping.param_group_index]
         for key in MOMENTS:
             state[key].narrow(0, hp.start, hp.numel).copy_(ckpt.read(name, key, lp.start, lp.numel))

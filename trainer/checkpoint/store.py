@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import xxhash
 
-from trainer.checkpoint.reader import CHECKSUM, ChecksumMismatch, ChunkHasher, RangedReader, read_verified
+from trainer.checkpoint.reader import (CHECKSUM, ChecksumMismatch, ChunkHasher, MemoryFile, RangedReader,
+                                       read_verified)
 
 log = logging.getLogger("dip.checkpoint")
 
@@ -312,12 +313,12 @@ class CheckpointStore:
         with self.fs.open_input_stream(self.step_path(step, rel_path)) as f:
             return io.BytesIO(f.read())
 
-    def read_checked(self, step: int, rel_path: str, marker: dict) -> io.BytesIO:
+    def read_checked(self, step: int, rel_path: str, marker: dict) -> MemoryFile:
         """One file of step-N in memory, checksummed while it is read (ChecksumMismatch names it)."""
         files = marker.get("files") or {}
         if rel_path not in files:
             raise ChecksumMismatch(f"{rel_path} is not listed in the COMMITTED marker")
-        return io.BytesIO(read_verified(self.fs, self.step_path(step, rel_path), rel_path, files[rel_path]))
+        return MemoryFile(read_verified(self.fs, self.step_path(step, rel_path), rel_path, files[rel_path]))
 
     def open_ranged(self, step: int, rel_path: str, marker: dict | None) -> RangedReader:
         """A seekable file object reading one file of step-N by range (chunk-checked when the marker
