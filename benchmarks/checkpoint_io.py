@@ -110,7 +110,8 @@ def main() -> None:
            "data": {"path": "synthetic", "resolution": args.resolution, "batch_size": 1, "num_workers": 0,
                     "synthetic_images": 16, "synthetic_classes": 4, "seed": 0},
            "optim": {"lr": 1.0e-4, "ema_decay": 0.9, "warmup_steps": 2},
-           "train": {"max_steps": 10, "zero_stage": args.stage, "precision": "fp32", "grad_accum": max(worlds) // worlds[0]},
+           "train": {"max_steps": 10, "zero_stage": args.stage, "precision": "fp32",
+                     "grad_accum": max(worlds) // worlds[0]},
            "checkpoint": {"every_steps": 100, "keep": 2, "async_save": False},
            "tracking": {"log_model": False}, "cluster": {"num_workers": worlds[0]}}
     cfg["data"]["path"] = prepare_dataset(config_from_dict(cfg).data, os.path.join(work, "data")).path

@@ -14,8 +14,8 @@ loaded, and the previous checkpoint intact.
 
 A restore reads the newest committed step, each file by the ranks that need it and checksummed as it
 is read for loading (trainer.checkpoint.reader); a file that fails makes every rank fall back to the
-previous committed step together. Nothing is staged on local disk. On the world size that wrote it, DeepSpeed loads its own
-shards; on another (an elastic resize, or a run restarted by hand with another
+previous committed step together. Nothing is staged on local disk. On the world size that wrote it,
+DeepSpeed loads its own shards; on another (an elastic resize, or a run restarted by hand with another
 cluster.num_workers), ZeRO-1/2/3 state is re-partitioned exactly by trainer.checkpoint.repartition, the data
 loader deals the rest of the epoch out over the new ranks, and the progress counters, EMA and LR
 schedule continue.

@@ -6,8 +6,8 @@ weights_only=False. A ZeRO checkpoint already holds everything a resize needs: p
 master partition and AdamW's moments in the same layout, plus every parameter's shape in order. This
 module maps those flat partitions back to parameters (`ZeroCheckpoint`, weights_only; each file's zip
 directory and pickle are read with torch.load(map_location="meta"), then only the byte ranges of the
-slices asked for, from a local directory or straight from the store: trainer.checkpoint.reader) and writes each new rank's slices straight into the engine's partitions
-(`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
+slices asked for, from a local directory or straight from the store: trainer.checkpoint.reader) and
+writes each new rank's slices straight into the engine's partitions (`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
 exactly (copies, no arithmetic), for ZeRO-1, 2 and 3.
 
 Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
