@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import fnmatch
 import io
 import os
 import re
@@ -127,7 +126,7 @@ def snapshot_engine(engine, step: int, staging_dir: str) -> list[tuple[str, Any]
 
 
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
-IN_MEMORY_ROOT = "/dip-checkpoint-in-memory"  # a path DeepSpeed composes file names under; nothing is there
+STAGING_NAMES_PREFIX = "dip-ckpt-names-"  # a directory of empty placeholders DeepSpeed's loader lists
 
 
 def engine_files_for_rank(names: list[str], rank: int) -> list[str]:
@@ -152,19 +151,20 @@ def load_engine(engine, local_step_dir: str) -> None:
 
 def load_engine_from_files(engine, tag: str, files: dict[str, io.BytesIO]) -> None:
     """The same, from in-memory files of step `tag` (relative path -> buffer, as engine_files_for_rank
-    chose them): DeepSpeed's loader composes its paths under IN_MEMORY_ROOT and is handed the buffers."""
+    chose them). DeepSpeed lists and asserts its files on disk before it asks its checkpoint engine for
+    them, so each one has an empty placeholder in a temporary directory (names only, no bytes); the
+    engine hands DeepSpeed the buffer instead."""
+    import tempfile
+
     _, safe_cls = _engine_classes()
-    by_path = {os.path.join(IN_MEMORY_ROOT, tag, rel): buffer for rel, buffer in files.items()}
-
-    def listed(checkpoints_path, tag_):  # DeepSpeed globs the directory for its model-states files
-        pattern = engine._get_ckpt_name(checkpoints_path, tag_, mp_placeholder="*")
-        return sorted(path for path in by_path if fnmatch.fnmatch(path, pattern))
-
-    engine._get_all_ckpt_names = listed
-    try:
-        _load_with(engine, safe_cls(by_path), IN_MEMORY_ROOT, tag, f"{tag} (in memory)")
-    finally:
-        del engine._get_all_ckpt_names  # the instance attribute; the class's method again
+    with tempfile.TemporaryDirectory(prefix=STAGING_NAMES_PREFIX) as root:
+        by_path = {}
+        for rel, buffer in files.items():
+            path = os.path.join(root, tag, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+            by_path[path] = buffer
+        _load_with(engine, safe_cls(by_path), root, tag, f"{tag} (in memory)")
 
 
 def _load_with(engine, loader, load_dir: str, tag: str, where: str) -> None:
