@@ -80,8 +80,8 @@ def _engine_classes():
 
     class SafeLoadCheckpointEngine(CheckpointEngine):
         """DeepSpeed's loader, reading every file with torch.load(weights_only=True): from the local
-        path it is given, or, with `files`, from those in-memory files (path -> buffer; each is dropped
-        once loaded)."""
+        path it is given, or, with `files`, from those in-memory files (path -> buffer, dropped with the
+        engine after the load)."""
 
         def __init__(self, files: dict[str, io.BytesIO] | None = None):
             super().__init__()
@@ -100,7 +100,8 @@ def _engine_classes():
                 if path not in self.files:
                     raise FileNotFoundError(f"{os.path.basename(path)}: DeepSpeed asked for a file this rank did not "
                                             f"read (it has {sorted(os.path.basename(p) for p in self.files)})")
-                source = self.files.pop(path)
+                source = self.files[path]  # DeepSpeed reads the model states twice (a version check first)
+                source.seek(0)
             with torch.serialization.safe_globals(deepspeed_safe_globals()):
                 return torch.load(source, map_location=map_location, weights_only=True)
 
