@@ -33,7 +33,8 @@ def test_a_step_counts_only_after_the_marker(tmp_path):
     assert store.latest_committed() is None and not store.verify(10).ok
     files = store.wait_for_ranks(10, 2, "a1", timeout_s=5)
     checksum = xxhash.xxh3_64(b"x" * 100).hexdigest()  # computed while writing: nothing was read back
-    assert files == {f"shard-{r}.pt": {"size": 100, "checksum": checksum, "algorithm": "xxh3_64"} for r in (0, 1)}
+    assert files == {f"shard-{r}.pt": {"size": 100, "checksum": checksum, "algorithm": "xxh3_64", "chunk_bytes": 1 << 20,
+                                     "chunks": [checksum]} for r in (0, 1)}
     store.commit(10, files, {"world_size": 2})
     assert store.verify(10).ok and store.latest_committed() == 10
     marker = json.loads((tmp_path / "ckpt" / "step-10" / MARKER).read_text())

@@ -4,9 +4,10 @@ DeepSpeed refuses optimizer shards of another data-parallel world size; its way 
 checkpoints) is an offline conversion pass that writes the whole state a second time and loads with
 weights_only=False. A ZeRO checkpoint already holds everything a resize needs: per rank, the flat fp32
 master partition and AdamW's moments in the same layout, plus every parameter's shape in order. This
-module maps those flat partitions back to parameters (`ZeroCheckpoint`, weights_only + mmap, reading
-only the bytes asked for) and writes each new rank's slices straight into the engine's partitions
-(`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
+module maps those flat partitions back to parameters (`ZeroCheckpoint`, weights_only; each file's zip
+directory and pickle are read with torch.load(map_location="meta"), then only the byte ranges of the
+slices asked for, from a local directory or straight from the store: trainer.checkpoint.reader) and
+writes each new rank's slices straight into the engine's partitions (`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
 exactly (copies, no arithmetic), for ZeRO-1, 2 and 3.
 
 Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
@@ -17,28 +18,110 @@ Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
 import torch
 
 from trainer.checkpoint.pins import require
+from trainer.checkpoint.reader import RangedReader
 
 FP32 = "fp32"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KINDS = (FP32, *MOMENTS)
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+SMALL_TENSOR_BYTES = 64 << 10  # tensors up to this size are read when a file is opened (steps, scalers)
 
 
-def load_weights_only(path: str, mmap: bool = True):
-    """torch.load with weights_only=True and the DeepSpeed classes its files hold allow-listed."""
+class LocalStepFiles:
+    """A step directory on local disk, read by range without checksums (tests, tools)."""
+
+    def __init__(self, step_dir: str):
+        self.where = step_dir
+        self.fs = pafs.LocalFileSystem()
+
+    def names(self) -> list[str]:
+        return sorted(os.listdir(self.where))
+
+    def open(self, rel: str) -> RangedReader:
+        return RangedReader(self.fs.open_input_file(os.path.join(self.where, rel)), rel)
+
+
+class StoreStepFiles:
+    """A committed step of a CheckpointStore, read by range, chunk-checked against its marker."""
+
+    def __init__(self, store, step: int, marker: dict):
+        self.store, self.step, self.marker, self.where = store, step, marker, store.display(step)
+        self.readers: list[RangedReader] = []
+
+    def names(self) -> list[str]:
+        return sorted(self.marker.get("files") or {})
+
+    def open(self, rel: str) -> RangedReader:
+        reader = self.store.open_ranged(self.step, rel, self.marker)
+        self.readers.append(reader)
+        return reader
+
+    @property
+    def fetched(self) -> int:
+        return sum(reader.fetched for reader in self.readers)
+
+
+class _Flat:
+    """A tensor of a lazily opened file: its shape and place in the file, read by range on demand."""
+
+    def __init__(self, meta: torch.Tensor, reader: RangedReader):
+        if not meta.is_contiguous():
+            raise ValueError(f"{reader.rel}: a non-contiguous flat partition cannot be read by range")
+        self.meta, self.reader = meta, reader
+
+    def numel(self) -> int:
+        return self.meta.numel()
+
+    def slice(self, start: int, end: int) -> torch.Tensor:
+        size = self.meta.element_size()
+        first = self.meta.untyped_storage()._checkpoint_offset + (self.meta.storage_offset() + start) * size
+        data = bytearray(self.reader.pread(first, (end - start) * size))
+        if len(data) != (end - start) * size:
+            raise ValueError(f"{self.reader.rel}: {len(data)} bytes where {(end - start) * size} were expected")
+        return torch.frombuffer(data, dtype=self.meta.dtype) if data else torch.empty(0, dtype=self.meta.dtype)
+
+
+def _materialized(meta: torch.Tensor, reader: RangedReader) -> torch.Tensor:
+    """A small tensor of a lazily opened file, read whole (its storage's bytes)."""
+    storage = meta.untyped_storage()
+    data = bytearray(reader.pread(storage._checkpoint_offset, storage.nbytes()))
+    flat = torch.frombuffer(data, dtype=meta.dtype) if data else torch.empty(0, dtype=meta.dtype)
+    return flat.as_strided(meta.size(), meta.stride(), meta.storage_offset()).clone()
+
+
+def _small_read(obj, reader: RangedReader):
+    """obj with every small meta tensor read; large ones stay meta (their place kept by _Flat)."""
+    if isinstance(obj, torch.Tensor):
+        return _materialized(obj, reader) if obj.numel() * obj.element_size() <= SMALL_TENSOR_BYTES else obj
+    if isinstance(obj, dict):
+        items = {k: _small_read(v, reader) for k, v in obj.items()}
+        obj.clear()
+        obj.update(items)
+        return obj
+    if isinstance(obj, list):
+        return [_small_read(v, reader) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields") and not isinstance(obj, torch.Size):
+        return tuple(_small_read(v, reader) for v in obj)
+    return obj
+
+
+def open_lazily(reader: RangedReader):
+    """A torch.save file's object with small tensors read and large ones as meta tensors: only the
+    zip's directory, its pickle and those small tensors are read now."""
     from trainer.checkpoint.deepspeed_io import deepspeed_safe_globals
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = torch.load(reader, map_location="meta", weights_only=True)
+    return _small_read(obj, reader)
 
 
 @dataclass(frozen=True)
@@ -55,30 +138,40 @@ class _Place:
 class ZeroCheckpoint:
     """One committed DeepSpeed step directory, read as per-parameter tensors of any world size."""
 
-    def __init__(self, step_dir: str):
+    def __init__(self, step_dir):
         require("ZeRO checkpoint re-partitioning")  # DeepSpeed's partition layout, read as it was tested
-        self.step_dir = step_dir
-        optim_files = sorted(glob.glob(os.path.join(step_dir, "*_optim_states.pt")),
+        """step_dir: a local directory, or a LocalStepFiles / StoreStepFiles."""
+        self.files = LocalStepFiles(step_dir) if isinstance(step_dir, str) else step_dir
+        self.step_dir = self.files.where
+        names = self.files.names()
+        optim_files = sorted((n for n in names if n.endswith("_optim_states.pt")),
                              key=lambda f: int(_RANK.search(f).group(1)) if _RANK.search(f) else -1)
-        model_files = sorted(glob.glob(os.path.join(step_dir, "*model_states.pt")))
+        model_files = sorted(n for n in names if n.endswith("model_states.pt"))
         if not model_files:
-            raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states file")
-        self.model_state = load_weights_only(model_files[0])
+            raise FileNotFoundError(f"{self.step_dir}: no DeepSpeed model states file")
+        self._model_reader = self.files.open(model_files[0])
+        self.model_state = open_lazily(self._model_reader)
         self.param_shapes: list[dict[str, torch.Size]] = self.model_state["param_shapes"]
-        self.shards = [load_weights_only(f)["optimizer_state_dict"] for f in optim_files]
+        readers = [self.files.open(f) for f in optim_files]
+        self.shards = [open_lazily(reader)["optimizer_state_dict"] for reader in readers]
+        self._readers = readers
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
         self.world_size = len(self.shards) if self.shards else int(self.model_state.get("dp_world_size", 1))
         if self.stage:
             counts = self.shards[0]["partition_count"]
             expected = max(counts) if isinstance(counts, list) else int(counts)
             if expected != len(self.shards):
-                raise ValueError(f"{step_dir}: {len(self.shards)} optimizer shard files, but they were written by "
+                raise ValueError(f"{self.step_dir}: {len(self.shards)} optimizer shard files, but they were written by "
                                  f"{expected} ranks: the checkpoint is incomplete")
-        self._flats = {kind: [self._rank_flats(shard, kind) for shard in self.shards] for kind in KINDS} \
-            if self.stage else {}
+        self._flats = {kind: [self._rank_flats(shard, kind, reader) for shard, reader in zip(self.shards, readers)]
+                       for kind in KINDS} if self.stage else {}
         self._places = self._layout() if self.stage else {}
         if self.stage:
             self._check_partition_sizes(optim_files)
+
+    def close(self) -> None:
+        for reader in [self._model_reader, *self._readers]:
+            reader.close()
 
     # -- what the files hold ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -111,11 +204,13 @@ class ZeroCheckpoint:
     def stage_of(shard: dict) -> int:
         return int(shard["zero_stage"])
 
-    def _rank_flats(self, shard: dict, kind: str) -> list[torch.Tensor]:
+    def _rank_flats(self, shard: dict, kind: str, reader: RangedReader) -> list:
         if kind == FP32:
             key = "single_partition_of_fp32_groups" if self.stage_of(shard) <= 2 else "fp32_flat_groups"
-            return list(shard[key])
-        return [state[kind] for state in self._base_states(shard)]
+            flats = list(shard[key])
+        else:
+            flats = [state[kind] for state in self._base_states(shard)]
+        return [_Flat(flat, reader) if flat.is_meta else _Loaded(flat) for flat in flats]
 
     def _layout(self) -> dict[str, _Place]:
         places: dict[str, _Place] = {}
@@ -160,11 +255,12 @@ class ZeroCheckpoint:
     # -- reading ---------------------------------------------------------------------------------
     def read(self, name: str, kind: str = FP32, start: int = 0, numel: int | None = None) -> torch.Tensor:
         """Elements [start, start + numel) of parameter `name`'s flattened `kind` tensor (a copy).
-        Only the bytes of those elements are read from the mmap-ed files."""
+        Only the bytes of those elements are read (ranged reads of the files)."""
         if not self.stage:
             if kind != FP32:
                 raise ValueError(f"{self.step_dir}: a ZeRO-0 checkpoint keeps optimizer state whole, not per shard")
-            flat = self.model_state["module"][name].flatten().float()
+            weights = self.model_state["module"][name]
+            flat = (_materialized(weights, self._model_reader) if weights.is_meta else weights).flatten().float()
             return flat[start:flat.numel() if numel is None else start + numel].clone()
         place = self._places[name]
         numel = place.numel - start if numel is None else numel
@@ -173,6 +269,16 @@ class ZeroCheckpoint:
         if self.stage <= 2:
             return self._read_zero12(place, kind, start, numel)
         return self._read_zero3(place, kind, start, numel)
+
+    def module_weights(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter `name` as the engine's module holds it: the saved module's tensor when it has that
+        dtype (read by range), else the fp32 master cast."""
+        weights = (self.model_state.get("module") or {}).get(name)
+        if weights is None or weights.dtype != dtype:
+            return self.full(name).to(dtype)
+        if not weights.is_meta:
+            return weights.clone()
+        return _Flat(weights.view(-1), self._model_reader).slice(0, weights.numel()).clone()
 
     def full(self, name: str, kind: str = FP32) -> torch.Tensor:
         shape = self._places[name].shape if self.stage else self.model_state["module"][name].shape
@@ -186,7 +292,7 @@ class ZeroCheckpoint:
             rank_end = rank_start + flat.numel()
             a, b = max(lo, rank_start), min(hi, rank_end)
             if a < b:
-                pieces.append(flat[a - rank_start:b - rank_start])
+                pieces.append(flat.slice(a - rank_start, b - rank_start))
             rank_start = rank_end
         out = torch.cat(pieces) if pieces else torch.empty(0)
         if out.numel() != numel:
@@ -217,13 +323,26 @@ def check_partition_numel(path: str, what: str, found: int, expected: int, padde
                          f"gives it {expected}{also}: the file is truncated or altered")
 
 
-def _slice_groups(flats: list[torch.Tensor], start: int, numel: int) -> torch.Tensor:
+class _Loaded:
+    """A flat partition small enough to have been read when its file was opened."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def slice(self, start: int, end: int) -> torch.Tensor:
+        return self.tensor[start:end]
+
+
+def _slice_groups(flats: list, start: int, numel: int) -> torch.Tensor:
     """Elements [start, start + numel) of the concatenation of `flats` (ZeRO-3 sub-groups)."""
     pieces, base = [], 0
     for flat in flats:
         a, b = max(start, base), min(start + numel, base + flat.numel())
         if a < b:
-            pieces.append(flat[a - base:b - base])
+            pieces.append(flat.slice(a - base, b - base))
         base += flat.numel()
     return torch.cat(pieces) if pieces else torch.empty(0)  # nothing there: the caller's count check says so
 
@@ -232,10 +351,20 @@ def _slice_groups(flats: list[torch.Tensor], start: int, numel: int) -> torch.Te
 #                                     into a live engine
 # ------------------------------------------------------------------------------------------------
 
-def load_resharded(engine, step_dir: str) -> ZeroCheckpoint:
+def load_resharded(engine, step_dir) -> ZeroCheckpoint:
     """Restore weights, fp32 master, AdamW moments and step, LR schedule and step counters from a
-    ZeRO checkpoint written at any world size into `engine` (every rank calls it; no collective)."""
+    ZeRO checkpoint written at any world size into `engine` (every rank calls it; no collective).
+    step_dir: a local directory or a StoreStepFiles (ranged reads from the store, chunk-checked)."""
     ckpt = ZeroCheckpoint(step_dir)
+    try:
+        _load_into(engine, ckpt)
+    finally:
+        ckpt.close()
+    return ckpt
+
+
+def _load_into(engine, ckpt: ZeroCheckpoint) -> None:
+    step_dir = ckpt.step_dir
     stage = int(engine.zero_optimization_stage())
     if ckpt.stage != stage:
         raise ValueError(f"{step_dir} holds ZeRO-{ckpt.stage} state; this engine runs ZeRO-{stage}")
@@ -258,7 +387,6 @@ def load_resharded(engine, step_dir: str) -> ZeroCheckpoint:
     engine.global_steps = int(ckpt.model_state["global_steps"])
     engine.global_samples = int(ckpt.model_state.get("global_samples", 0))
     engine.skipped_steps = int(ckpt.model_state.get("skipped_steps", 0))
-    return ckpt
 
 
 def _moment_states(optimizer, flat: torch.Tensor, step: int) -> dict:
@@ -278,12 +406,17 @@ def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.single_partition_of_fp32_groups]
     for name, param in named:
-        param.data.copy_(ckpt.full(name).to(param.dtype))  # every rank holds the whole low-precision model
+        # every rank holds the whole low-precision model. Under bf16/fp16 the saved module's weights are
+        # those (the fp32 master cast), half the bytes of the master, and the rank reads its share of the
+        # master besides; under fp32 the master is the model: read once, the share sliced from it
+        master = ckpt.full(name) if param.dtype == torch.float32 else None
+        param.data.copy_((master if master is not None else ckpt.module_weights(name, param.dtype)).view_as(param))
         mapping = param._hp_mapping
         if mapping is None:  # no part of this parameter lies in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        mapping.hp_fragment.data.copy_(ckpt.read(name, FP32, lp.start, lp.numel))
+        mapping.hp_fragment.data.copy_(master.flatten()[lp.start:lp.start + lp.numel] if master is not None
+                                       else ckpt.read(name, FP32, lp.start, lp.numel))
         state = states[mapping.param_group_index]
         for key in MOMENTS:
             state[key].narrow(0, hp.start, hp.numel).copy_(ckpt.read(name, key, lp.start, lp.numel))

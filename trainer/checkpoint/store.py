@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import xxhash
 
+from trainer.checkpoint.reader import (CHECKSUM, ChecksumMismatch, ChunkHasher, MemoryFile, RangedReader,
+                                       read_verified)
+
 log = logging.getLogger("dip.checkpoint")
 
 MARKER = "COMMITTED"
@@ -34,7 +37,6 @@ STOP_REQUEST = "STOP_REQUESTED"
 RESIZE_REQUEST = "RESIZE_REQUESTED"
 RESIZE_ANSWER_PREFIX = "RESIZE_ANSWERED-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-CHECKSUM = "xxh3_64"     # the algorithm recorded with every file
 READ_CHUNK = 8 << 20     # bytes per read when a file is checksummed
 
 
@@ -48,15 +50,19 @@ def new_hasher():
 
 class _HashingWriter:
     """A write-only file object in front of the real one: hashes and counts every byte on its way to
-    the file. Not seekable, so a writer cannot go back and change what was hashed (torch.save streams)."""
+    the file (a whole-file checksum and one per chunk, trainer.checkpoint.reader). Not seekable, so a
+    writer cannot go back and change what was hashed (torch.save streams)."""
 
     def __init__(self, raw):
-        self.raw, self.hasher, self.size = raw, new_hasher(), 0
+        self.raw, self.hasher = raw, ChunkHasher()
+
+    @property
+    def size(self) -> int:
+        return self.hasher.size
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.hasher.update(view)
-        self.size += len(view)
         self.raw.write(view)
         return len(view)
 
@@ -73,7 +79,7 @@ class _HashingWriter:
         return True
 
     def record(self) -> dict:
-        return {"size": self.size, "checksum": self.hasher.hexdigest(), "algorithm": CHECKSUM}
+        return self.hasher.record()
 
 
 def recorded_size(record) -> int:
@@ -312,6 +318,24 @@ class CheckpointStore:
     def open_file(self, step: int, rel_path: str) -> io.BytesIO:
         with self.fs.open_input_stream(self.step_path(step, rel_path)) as f:
             return io.BytesIO(f.read())
+
+    def read_checked(self, step: int, rel_path: str, marker: dict) -> MemoryFile:
+        """One file of step-N in memory, checksummed while it is read (ChecksumMismatch names it)."""
+        files = marker.get("files") or {}
+        if rel_path not in files:
+            raise ChecksumMismatch(f"{rel_path} is not listed in the COMMITTED marker")
+        return MemoryFile(read_verified(self.fs, self.step_path(step, rel_path), rel_path, files[rel_path]))
+
+    def open_ranged(self, step: int, rel_path: str, marker: dict | None) -> RangedReader:
+        """A seekable file object reading one file of step-N by range (chunk-checked when the marker
+        records chunk checksums; marker None: unchecked, for a directory read outside a resume)."""
+        record = None
+        if marker is not None:
+            files = marker.get("files") or {}
+            if rel_path not in files:
+                raise ChecksumMismatch(f"{rel_path} is not listed in the COMMITTED marker")
+            record = files[rel_path]
+        return RangedReader(self.fs.open_input_file(self.step_path(step, rel_path)), rel_path, record)
 
     def local_dir(self, step: int, cache_dir: str) -> str:
         """A local directory holding step-N: the directory itself when local, else a downloaded copy."""
