@@ -67,8 +67,8 @@ def start_server(port: int) -> GetBytes:
 def rank_main(rank: int, world: int, cfg_dict: dict, uri: str, run_dir: str, save: bool) -> dict:
     """Resume (timed), and with save one step and a checkpoint."""
     from trainer.checkpoint.manager import CheckpointManager
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     original, timed = CheckpointManager.resume, {}
 
@@ -102,7 +102,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from data import prepare_dataset
     from tests.data_helpers import free_port, run_ranks
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     worlds = [int(w) for w in args.worlds.split(",")]
     work = tempfile.mkdtemp(prefix="dip-ckpt-io-")

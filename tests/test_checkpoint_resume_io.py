@@ -79,7 +79,7 @@ def counting_s3():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from data import prepare_dataset
-    from trainer.config.sections import config_from_dict
+    from trainer.config import config_from_dict
 
     return prepare_dataset(config_from_dict(TINY).data, str(tmp_path_factory.mktemp("io-data"))).path
 
@@ -87,8 +87,8 @@ def shards(tmp_path_factory) -> str:
 def save_or_resume(rank: int, world: int, cfg_dict: dict, store_uri: str, run_dir: str, save: bool) -> dict:
     """One rank of the trainer's loop: setup (CheckpointManager.resume), then with save, one step and
     a checkpoint of step 1."""
-    from trainer.config.sections import config_from_dict
-    from trainer.loop.worker import TrainingRun, WorkerContext
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
 
     run = TrainingRun(config_from_dict(cfg_dict), WorkerContext(store_uri, run_dir, "", ""), rank, world)
     run.setup()
