@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.checkpoint.reader import CHUNK_BYTES, ChecksumMismatch
-from trainer.checkpoint.repartition import LocalStepFiles, _Flat, open_lazily
+from trainer.checkpoint.lazy_files import LocalStepFiles, RangedTensor, open_lazily
 from trainer.checkpoint.store import CheckpointStore
 
 
@@ -26,9 +26,9 @@ def test_a_lazily_opened_file_reads_its_directory_and_small_tensors_then_slices_
     obj = open_lazily(reader)
     assert reader.fetched < 20_000 < os.path.getsize(path)  # the zip directory, the pickle, the small tensors
     assert obj["module"]["w"].is_meta and obj["step"].item() == 3.0 and torch.equal(obj["module"]["b"], torch.ones(5))
-    assert torch.equal(_Flat(obj["flat"][0], reader).slice(10, 20), flat[17:27])  # a view's offset is kept
+    assert torch.equal(RangedTensor(obj["flat"][0], reader).slice(10, 20), flat[17:27])  # a view's offset is kept
     before = reader.fetched
-    assert torch.equal(_Flat(obj["module"]["w"].view(-1), reader).slice(0, big.numel()).view(300, 300), big)
+    assert torch.equal(RangedTensor(obj["module"]["w"].view(-1), reader).slice(0, big.numel()).view(300, 300), big)
     assert reader.fetched - before == big.numel() * 4
 
 
@@ -43,9 +43,9 @@ def test_ranged_reads_check_each_chunk_and_name_the_file(tmp_path):
     open(path, "wb").write(data)
     reader = store.open_ranged(1, "x.pt", marker)
     lazy = open_lazily(reader)
-    assert torch.equal(_Flat(lazy["a"], reader).slice(0, 10), values[:10])  # the first chunk is intact
+    assert torch.equal(RangedTensor(lazy["a"], reader).slice(0, 10), values[:10])  # the first chunk is intact
     with pytest.raises(ChecksumMismatch, match=r"^x.pt was altered in place: its bytes \[1048576, 2097152\) have"):
-        _Flat(lazy["a"], reader).slice(300_000, 300_010)
+        RangedTensor(lazy["a"], reader).slice(300_000, 300_010)
     with pytest.raises(ChecksumMismatch, match="^x.pt was altered in place: its xxh3_64 checksum is "):
         store.read_checked(1, "x.pt", marker)
 

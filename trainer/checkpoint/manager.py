@@ -245,7 +245,8 @@ class CheckpointManager:
 
     def _load_engine(self, step: int, staged: dict) -> None:
         if staged["resharded"]:
-            from trainer.checkpoint.repartition import StoreStepFiles, load_resharded
+            from trainer.checkpoint.lazy_files import StoreStepFiles
+            from trainer.checkpoint.repartition import load_resharded
 
             load_resharded(self.engine, StoreStepFiles(self.store, step, staged["marker"]))
         else:  # same world size, or ZeRO-0 (whole optimizer state in one file)

@@ -19,111 +19,22 @@ Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pyarrow.fs as pafs
 import torch
 
+from trainer.checkpoint.lazy_files import LoadedTensor, LocalStepFiles, RangedTensor, open_lazily, read_whole
 from trainer.checkpoint.pins import require
-from trainer.checkpoint.reader import RangedReader
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.reader import RangedReader
 
 FP32 = "fp32"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KINDS = (FP32, *MOMENTS)
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-SMALL_TENSOR_BYTES = 64 << 10  # tensors up to this size are read when a file is opened (steps, scalers)
-
-
-class LocalStepFiles:
-    """A step directory on local disk, read by range without checksums (tests, tools)."""
-
-    def __init__(self, step_dir: str):
-        self.where = step_dir
-        self.fs = pafs.LocalFileSystem()
-
-    def names(self) -> list[str]:
-        return sorted(os.listdir(self.where))
-
-    def open(self, rel: str) -> RangedReader:
-        return RangedReader(self.fs.open_input_file(os.path.join(self.where, rel)), rel)
-
-
-class StoreStepFiles:
-    """A committed step of a CheckpointStore, read by range, chunk-checked against its marker."""
-
-    def __init__(self, store, step: int, marker: dict):
-        self.store, self.step, self.marker, self.where = store, step, marker, store.display(step)
-        self.readers: list[RangedReader] = []
-
-    def names(self) -> list[str]:
-        return sorted(self.marker.get("files") or {})
-
-    def open(self, rel: str) -> RangedReader:
-        reader = self.store.open_ranged(self.step, rel, self.marker)
-        self.readers.append(reader)
-        return reader
-
-    @property
-    def fetched(self) -> int:
-        return sum(reader.fetched for reader in self.readers)
-
-
-class _Flat:
-    """A tensor of a lazily opened file: its shape and place in the file, read by range on demand."""
-
-    def __init__(self, meta: torch.Tensor, reader: RangedReader):
-        if not meta.is_contiguous():
-            raise ValueError(f"{reader.rel}: a non-contiguous flat partition cannot be read by range")
-        self.meta, self.reader = meta, reader
-
-    def numel(self) -> int:
-        return self.meta.numel()
-
-    def slice(self, start: int, end: int) -> torch.Tensor:
-        size = self.meta.element_size()
-        first = self.meta.untyped_storage()._checkpoint_offset + (self.meta.storage_offset() + start) * size
-        data = bytearray(self.reader.pread(first, (end - start) * size))
-        if len(data) != (end - start) * size:
-            raise ValueError(f"{self.reader.rel}: {len(data)} bytes where {(end - start) * size} were expected")
-        return torch.frombuffer(data, dtype=self.meta.dtype) if data else torch.empty(0, dtype=self.meta.dtype)
-
-
-def _materialized(meta: torch.Tensor, reader: RangedReader) -> torch.Tensor:
-    """A small tensor of a lazily opened file, read whole (its storage's bytes)."""
-    storage = meta.untyped_storage()
-    data = bytearray(reader.pread(storage._checkpoint_offset, storage.nbytes()))
-    flat = torch.frombuffer(data, dtype=meta.dtype) if data else torch.empty(0, dtype=meta.dtype)
-    return flat.as_strided(meta.size(), meta.stride(), meta.storage_offset()).clone()
-
-
-def _small_read(obj, reader: RangedReader):
-    """obj with every small meta tensor read; large ones stay meta (their place kept by _Flat)."""
-    if isinstance(obj, torch.Tensor):
-        return _materialized(obj, reader) if obj.numel() * obj.element_size() <= SMALL_TENSOR_BYTES else obj
-    if isinstance(obj, dict):
-        items = {k: _small_read(v, reader) for k, v in obj.items()}
-        obj.clear()
-        obj.update(items)
-        return obj
-    if isinstance(obj, list):
-        return [_small_read(v, reader) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields") and not isinstance(obj, torch.Size):
-        return tuple(_small_read(v, reader) for v in obj)
-    return obj
-
-
-def open_lazily(reader: RangedReader):
-    """A torch.save file's object with small tensors read and large ones as meta tensors: only the
-    zip's directory, its pickle and those small tensors are read now."""
-    from trainer.checkpoint.deepspeed_io import deepspeed_safe_globals
-
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        obj = torch.load(reader, map_location="meta", weights_only=True)
-    return _small_read(obj, reader)
-
-
 @dataclass(frozen=True)
 class _Place:
     group: int       # parameter group (ZeRO-1/2) / 0 (ZeRO-3: offsets run over all sub-groups)
@@ -210,7 +121,7 @@ class ZeroCheckpoint:
             flats = list(shard[key])
         else:
             flats = [state[kind] for state in self._base_states(shard)]
-        return [_Flat(flat, reader) if flat.is_meta else _Loaded(flat) for flat in flats]
+        return [RangedTensor(flat, reader) if flat.is_meta else LoadedTensor(flat) for flat in flats]
 
     def _layout(self) -> dict[str, _Place]:
         places: dict[str, _Place] = {}
@@ -260,7 +171,7 @@ class ZeroCheckpoint:
             if kind != FP32:
                 raise ValueError(f"{self.step_dir}: a ZeRO-0 checkpoint keeps optimizer state whole, not per shard")
             weights = self.model_state["module"][name]
-            flat = (_materialized(weights, self._model_reader) if weights.is_meta else weights).flatten().float()
+            flat = (read_whole(weights, self._model_reader) if weights.is_meta else weights).flatten().float()
             return flat[start:flat.numel() if numel is None else start + numel].clone()
         place = self._places[name]
         numel = place.numel - start if numel is None else numel
@@ -278,7 +189,7 @@ class ZeroCheckpoint:
             return self.full(name).to(dtype)
         if not weights.is_meta:
             return weights.clone()
-        return _Flat(weights.view(-1), self._model_reader).slice(0, weights.numel()).clone()
+        return RangedTensor(weights.view(-1), self._model_reader).slice(0, weights.numel()).clone()
 
     def full(self, name: str, kind: str = FP32) -> torch.Tensor:
         shape = self._places[name].shape if self.stage else self.model_state["module"][name].shape
@@ -321,19 +232,6 @@ def check_partition_numel(path: str, what: str, found: int, expected: int, padde
         also = f" ({padded} with its padding)" if padded not in (None, expected) else ""
         raise ValueError(f"{path}: its {what} partition holds {found} elements, but the checkpoint's layout "
                          f"gives it {expected}{also}: the file is truncated or altered")
-
-
-class _Loaded:
-    """A flat partition small enough to have been read when its file was opened."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    def numel(self) -> int:
-        return self.tensor.numel()
-
-    def slice(self, start: int, end: int) -> torch.Tensor:
-        return self.tensor[start:end]
 
 
 def _slice_groups(flats: list, start: int, numel: int) -> torch.Tensor:
