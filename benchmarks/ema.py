@@ -1,6 +1,6 @@
 """The EMA update under ZeRO-3, before and after keeping it sharded: bytes moved and ms per step.
 
-Before (trainer.loop.training_ema.gathered_update, the old trainer/loop/worker.py path): every step, every rank
+Before (trainer.loop.training_ema.gathered_update, the old trainer/worker.py path): every step, every rank
 gathers the whole denoiser so that rank 0 can lerp a whole fp32 EMA (models.ema.EMA). After
 (trainer.loop.training_ema.ShardedEMA.update): each rank lerps the fp32 EMA of its own partition.
 

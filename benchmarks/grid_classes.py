@@ -3,7 +3,8 @@
 The quickstart's grid (runs/quickstart/samples/final.png) has one row per class. This script trains a
 small CNN classifier on freshly generated synthetic images (a seed the run never saw; ~15 s on 2
 cores), cuts the grid into its tiles (the layout of trainer/sample_grid.save_grid) and reports, per
-row, how many tiles it classifies as that row's class. Chance is 1 / classes.
+row, how many tiles it classifies as that row's class. Chance is 1 / classes. The classifier is trained
+at a fixed seed and thread count, so a grid gets the same score on every run, whatever the caller's threads.
 
     python benchmarks/grid_classes.py runs/quickstart/samples/final.png [--resolution 32 --classes 10]
 """
@@ -16,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+JUDGE_THREADS = 2  # fixed, whatever the machine: the judge's score of a grid must not depend on it
 
 
 def classifier(classes: int):
@@ -29,6 +31,19 @@ def classifier(classes: int):
 
 def train_classifier(resolution: int, classes: int, images: int, epochs: int, seed: int = 11):
     """A CNN trained on `images` synthetic images of generation seed `seed`; returns (model, held-out acc)."""
+    import torch
+
+    # The same grid must get the same score on any machine and load: a fixed seed, and a fixed thread
+    # count (a CPU conv's reductions are split per thread, so their rounding follows the count).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(JUDGE_THREADS)
+    try:
+        return _train(resolution, classes, images, epochs, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(resolution: int, classes: int, images: int, epochs: int, seed: int):
     import torch
     import torch.nn.functional as F
 
@@ -52,6 +67,19 @@ def train_classifier(resolution: int, classes: int, images: int, epochs: int, se
     with torch.no_grad():
         accuracy = (model(to_pm1(x_test)).argmax(1) == y_test).float().mean().item()
     return model, accuracy
+
+
+def predict(model, tiles):
+    """The judge's class for each tile (N, 3, H, W) in [-1, 1]."""
+    import torch
+
+    with torch.no_grad():
+        return model(tiles).argmax(1)
+
+
+def judge_tiles(model, tiles, rows) -> int:
+    """How many tiles the judge classifies as their row's class."""
+    return int((predict(model, tiles) == rows).sum())
 
 
 def grid_tiles(path: str, resolution: int, rows: int):
@@ -88,14 +116,11 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=6)
     args = parser.parse_args()
 
-    import torch
-
     start = time.monotonic()
     model, held_out = train_classifier(args.resolution, args.classes, args.train_images, args.epochs)
     print(f"classifier: {held_out:.3f} accuracy on held-out synthetic images ({time.monotonic() - start:.0f} s)")
     tiles, rows = grid_tiles(args.grid, args.resolution, args.classes)
-    with torch.no_grad():
-        predicted = model(tiles).argmax(1)
+    predicted = predict(model, tiles)
     for r in range(args.classes):
         mine = rows == r
         print(f"row {r}: {int((predicted[mine] == r).sum())}/{int(mine.sum())} tiles classified as class {r}")

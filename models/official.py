@@ -14,7 +14,7 @@ EMA_PREFIX = "ema_denoiser."
 RAW_PREFIX = "denoiser."
 
 
-def _extract(checkpoint: Mapping, ema: bool) -> dict[str, torch.Tensor]:
+def network_state(checkpoint: Mapping, ema: bool) -> dict[str, torch.Tensor]:
     """The network's own state dict from a Lightning checkpoint or a plain state dict."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, Mapping):
@@ -41,7 +41,7 @@ def load_official_state_dict(model: nn.Module, checkpoint, ema: bool = True) -> 
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"expected a checkpoint mapping, got {type(checkpoint).__name__}")
-    state = _extract(checkpoint, ema)
+    state = network_state(checkpoint, ema)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

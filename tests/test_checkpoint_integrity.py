@@ -97,9 +97,12 @@ def test_an_altered_checkpoint_is_refused_by_sample_and_export_and_skipped_by_re
     assert f"ema weights of {store.step_path(8)} ->" in capsys.readouterr().out
     assert any(w.startswith(f"skipping checkpoint {step12}: {why}") for w in warnings), warnings
 
-    with checkpoint_warnings() as warnings:
-        run = launch(cfg)
-    assert any(w.startswith(f"skipping checkpoint {step12}: {why}") for w in warnings), warnings  # the driver's
+    capsys.readouterr()
+    run = launch(cfg)
+    # the workers' (rank 0's, forwarded by Ray): they checksum each file as they load it, the driver reads
+    # only the marker and the train state
+    out = capsys.readouterr()
+    assert f"skipping checkpoint {step12}: {why}" in out.out + out.err, out.err[-4000:]
     assert run.status == "FINISHED" and run.steps == 12
     assert sorted(metric_history(run.tracking_uri, run.mlflow_run_id)) == [9, 10, 11, 12]  # resumed from step 8
     assert store.verify(12, deep=True).ok  # written again, whole

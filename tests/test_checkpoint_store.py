@@ -33,7 +33,8 @@ def test_a_step_counts_only_after_the_marker(tmp_path):
     assert store.latest_committed() is None and not store.verify(10).ok
     files = store.wait_for_ranks(10, 2, "a1", timeout_s=5)
     checksum = xxhash.xxh3_64(b"x" * 100).hexdigest()  # computed while writing: nothing was read back
-    assert files == {f"shard-{r}.pt": {"size": 100, "checksum": checksum, "algorithm": "xxh3_64"} for r in (0, 1)}
+    assert files == {f"shard-{r}.pt": {"size": 100, "checksum": checksum, "algorithm": "xxh3_64", "chunk_bytes": 1 << 20,
+                                     "chunks": [checksum]} for r in (0, 1)}
     store.commit(10, files, {"world_size": 2})
     assert store.verify(10).ok and store.latest_committed() == 10
     marker = json.loads((tmp_path / "ckpt" / "step-10" / MARKER).read_text())
@@ -169,3 +170,59 @@ def test_stop_request_round_trip(tmp_path):
     store.clear_stop_request()
     assert not store.stop_requested()
     store.clear_stop_request()  # idempotent
+
+
+def test_a_resize_request_is_answered_by_its_id_in_its_own_note(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    assert store.resize_request() is None and not store.resize_requested()
+    request_id = store.request_resize(4, expires_in_s=60)
+    pending = store.resize_request()
+    assert pending["id"] == request_id and pending["to_workers"] == 4 and store.resize_requested()
+    assert store.resize_checkpoint(request_id) is None  # not answered yet
+    assert not store.answer_resize("another-request", 6)  # an answer to another request is not written
+    assert store.resize_checkpoint(request_id) is None
+    assert store.answer_resize(request_id, 6)
+    assert store.resize_checkpoint(request_id) == 6
+    assert store.read_json("RESIZE_REQUESTED") == pending  # the answer never rewrites the request note
+    # a later request is not answered by the earlier answer
+    store.withdraw_resize_request(request_id)
+    assert not store.resize_requested() and store.resize_checkpoint(request_id) is None
+    later = store.request_resize(4, expires_in_s=60)
+    assert later != request_id and store.resize_checkpoint(later) is None
+
+
+def test_a_request_withdrawn_before_rank_0_answers_is_not_recreated(tmp_path, caplog):
+    """The driver gave up (deleted its request) while the workers were writing the checkpoint: rank 0's
+    answer writes nothing, and the next stop check (the restarted group's) sees no request."""
+    store = CheckpointStore(str(tmp_path))
+    request_id = store.request_resize(2, expires_in_s=60)
+    seen_at_stop_check = store.resize_request()["id"]  # rank 0 saw it, then wrote its checkpoint...
+    store.withdraw_resize_request(request_id)  # ...while the driver timed out and withdrew it
+    with caplog.at_level(logging.WARNING, logger="dip.checkpoint"):
+        assert not store.answer_resize(seen_at_stop_check, 6)
+    assert f"resize request {request_id} was withdrawn" in caplog.text
+    assert not os.path.exists(tmp_path / "RESIZE_REQUESTED")
+    assert sorted(os.listdir(tmp_path)) == []  # no request, no answer
+    assert store.resize_request() is None and not store.resize_requested()
+    # a newer request in the meantime is not the one rank 0 saw: not answered either
+    newer = store.request_resize(2, expires_in_s=60)
+    assert not store.answer_resize(seen_at_stop_check, 6) and store.resize_checkpoint(newer) is None
+    assert store.resize_request()["id"] == newer
+
+
+def test_an_expired_request_is_no_request(tmp_path):
+    """A request carries its expiry: one left behind by a driver that died is ignored, never answered."""
+    store = CheckpointStore(str(tmp_path))
+    request_id = store.request_resize(2, expires_in_s=0.2)
+    assert store.resize_requested()
+    time.sleep(0.3)
+    assert store.resize_request() is None and not store.resize_requested()
+    assert not store.answer_resize(request_id, 6)
+    assert store.resize_checkpoint(request_id) is None
+    # a note from before requests had ids (an older driver's) is ignored too
+    store.write_json("RESIZE_REQUESTED", {"requested_at": time.time(), "to_workers": 2})
+    assert not store.resize_requested()
+    # a run's start clears requests and stray answers of earlier attempts
+    store.write_json(f"RESIZE_ANSWERED-{request_id}", {"id": request_id, "checkpoint_step": 6})
+    store.clear_resize_request()
+    assert sorted(os.listdir(tmp_path)) == []

@@ -94,6 +94,7 @@ def test_deepspeed_config_follows_the_run_config():
     half = deepspeed_config(elastic, elastic.batch_split(1))
     assert half["train_batch_size"] == 64 and half["gradient_accumulation_steps"] == 8
     assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["check_grad_overflow"] is True  # the non-finite skip under bf16 (trainer.loop.nonfinite)
 
 
 def test_warmup_then_constant_learning_rate():

@@ -69,52 +69,84 @@ def test_dip_plan_and_train_check_show_both_ends_of_the_range(capsys):
             "micro-batch 8 x 1 workers x 2 accumulation = 16 images per step at 1") in out
 
 
-def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_and_a_restart_does_not(tmp_path):
-    """cluster/driver/elastic.py's controller hook, driven through Ray Train's real controller states; the workers'
-    side (answering the request with a committed step) played by a thread."""
-    import threading
+def _grow_policy(store, capacity: list[int], timeout_s: float):
+    """cluster/driver/elastic.py's policy with Ray's capacity lookup (the AutoscalingCoordinator, an actor)
+    replaced by `capacity[0]` workers; everything else is Ray's ElasticScalingPolicy."""
+    from ray.train import ScalingConfig
 
-    from ray.train.v2._internal.execution.controller.state import (ResizingState, RestartingState, RunningState,
-                                                                  SchedulingState)
-    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+    from cluster.driver.elastic import checkpoint_before_grow_policy
 
-    from cluster.driver.elastic import checkpoint_before_grow
+    scaling = ScalingConfig(num_workers=(1, 2), elastic_resize_monitor_interval_s=0)
+    policy = checkpoint_before_grow_policy(scaling, store.root, timeout_s=timeout_s, poll_s=0)
+    policy._maybe_send_resource_request = lambda: None
+    policy._get_reserved_resources = lambda: "reserved"
+    policy._count_possible_workers = lambda reserved: capacity[0]
+    return policy
+
+
+def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_without_blocking_the_controller(tmp_path):
+    """The policy answers every controller iteration at once: "no change" until the workers' checkpoint for
+    its request is committed, then Ray's grow; a group that fails meanwhile withdraws the request."""
+    import time
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision
+
     from trainer.checkpoint.store import CheckpointStore
 
     store = CheckpointStore(str(tmp_path / "checkpoints"))
     store.commit(4, {}, {})  # a periodic checkpoint: not the answer to a request
-    hook = checkpoint_before_grow(store.root, timeout_s=30, poll_s=0.05)
-    decision = ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    capacity = [2]
+    policy = _grow_policy(store, capacity, timeout_s=1800)
+    group = SimpleNamespace(num_workers=1, start_time=0.0)
 
-    def workers_answer():
-        while not store.resize_requested():
-            pass
-        store.commit(6, {}, {})
-        store.answer_resize(6)
+    def iteration():
+        began = time.monotonic()
+        decision = policy.make_decision_for_running_worker_group(group, None)
+        assert time.monotonic() - began < 1.0  # never waits inside the controller
+        return decision
 
-    answering = threading.Thread(target=workers_answer)
-    answering.start()
-    hook.after_controller_state_update(RunningState(), ResizingState(decision))
-    hook.after_controller_state_update(ResizingState(decision), SchedulingState(decision))
-    hook.before_controller_execute_resize_decision(decision)  # blocks until step 6 is committed and answered
-    answering.join(timeout=10)
-    assert not store.resize_requested()  # cleared: the restarted group must not see it
+    assert isinstance(iteration(), NoopDecision)  # capacity for 2: ask first
+    request = store.resize_request()
+    assert request["to_workers"] == 2
+    assert isinstance(iteration(), NoopDecision)  # no answer yet
+    store.commit(6, {}, {})
+    assert store.answer_resize(request["id"], 6)
+    decision = iteration()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+    assert not store.resize_requested()  # withdrawn: the restarted group must not see it
 
-    # a restart after a failure: nobody is left to checkpoint, the hook does not ask
-    hook.after_controller_state_update(RunningState(), RestartingState(training_failed_error=None))
-    hook.after_controller_state_update(RestartingState(training_failed_error=None), SchedulingState(decision))
-    hook.before_controller_execute_resize_decision(decision)
-    assert not store.resize_requested()
+    # a worker dies while the policy waits: Ray's failure handling moves the controller on, the request goes
+    assert isinstance(iteration(), NoopDecision)
+    request = store.resize_request()
+    policy.after_controller_state_update(RunningState(), RunningState())
+    assert store.resize_requested()  # a healthy group's iteration keeps it
+    policy.after_controller_state_update(RunningState(), RestartingState(training_failed_error=None))
+    assert not store.resize_requested() and policy.pending is None
+    assert not store.answer_resize(request["id"], 7)  # the dying rank 0's late answer recreates nothing
+    assert store.resize_request() is None
 
-    # no answer in time: the request is withdrawn and Ray resizes from the last checkpoint
-    slow = checkpoint_before_grow(store.root, timeout_s=0.3, poll_s=0.05)
-    assert slow.checkpoint_now(2) is None and not store.resize_requested()
+    # the capacity went away while the workers checkpointed: Ray decides again, no grow
+    assert isinstance(iteration(), NoopDecision)
+    store.commit(8, {}, {})
+    store.answer_resize(store.resize_request()["id"], 8)
+    capacity[0] = 1
+    assert isinstance(iteration(), NoopDecision) and not store.resize_requested()
+
+    # no answer in time: the request is withdrawn and Ray grows from the last checkpoint
+    capacity[0] = 2
+    slow = _grow_policy(store, capacity, timeout_s=0.3)
+    assert isinstance(slow.make_decision_for_running_worker_group(group, None), NoopDecision)
+    assert store.resize_requested()
+    time.sleep(0.4)
+    decision = slow.make_decision_for_running_worker_group(group, None)
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2 and not store.resize_requested()
 
 
 def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_path):
     """What cluster.driver.fit.build_trainer gives Ray Train: ScalingConfig(num_workers=(min, max)) with the
-    resize interval, and the hook among the callbacks Ray Train gives its controller as they are (a
-    UserCallback would be wrapped in a handler that only forwards report/exception events)."""
+    resize interval, and the grow-checkpointing scaling policy for its controller (elastic runs only)."""
     from cluster.driver.fit import build_trainer
     from cluster.driver.prepare import PreparedRun, run_paths
     from cluster.driver.resume import ResumePlan
@@ -125,8 +157,10 @@ def test_an_elastic_run_hands_ray_a_range_and_its_controller_the_grow_hook(tmp_p
     trainer = build_trainer(PreparedRun(cfg, cfg, paths, CheckpointStore(paths.checkpoint_uri), ResumePlan()), "id")
     assert trainer.scaling_config.num_workers == (1, 2)
     assert trainer.scaling_config.elastic_resize_monitor_interval_s == 7
-    assert "CheckpointBeforeGrow" in [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+    policy = trainer.scaling_policy()  # what the trainer hands its controller in place of Ray's own
+    assert type(policy).__name__ == "CheckpointBeforeGrow"
+    assert policy.scaling_config is trainer.scaling_config and policy.checkpoint_uri == paths.checkpoint_uri
     fixed = _cfg(f"output_dir={tmp_path}")
     plain = build_trainer(PreparedRun(fixed, fixed, paths, CheckpointStore(paths.checkpoint_uri), ResumePlan()), "id")
     assert plain.scaling_config.num_workers == 2
-    assert "CheckpointBeforeGrow" not in [type(cb).__name__ for cb in plain._create_default_callbacks()]
+    assert not hasattr(plain, "scaling_policy") and type(plain).__name__ == "TorchTrainer"

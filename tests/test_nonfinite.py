@@ -83,10 +83,10 @@ def shards(tmp_path_factory) -> str:
 
 
 def test_a_step_poisoned_on_one_rank_is_skipped_on_both_and_changes_nothing(shards, tmp_path, monkeypatch):
-    """ZeRO-2 fp32 and ZeRO-3 bf16: DeepSpeed's own overflow path; ZeRO-0 fp32: the guard's
-    (trainer.loop.nonfinite.guard_plain_optimizer)."""
+    """ZeRO-2 fp32 and ZeRO-1/2/3 bf16: DeepSpeed's own overflow path (under bf16 its check_grad_overflow,
+    which trainer.loop.engine sets); ZeRO-0 fp32: the guard's (trainer.loop.nonfinite.guard_plain_optimizer)."""
     monkeypatch.setenv("DIP_FAULT_NAN_AT", "2:1")
-    setups = [(2, "fp32"), (0, "fp32"), (3, "bf16")]
+    setups = [(2, "fp32"), (0, "fp32"), (1, "bf16"), (2, "bf16"), (3, "bf16")]
     configs = [{**TINY, "data": {**TINY["data"], "path": shards},
                 "train": {**TINY["train"], "zero_stage": stage, "precision": precision}} for stage, precision in setups]
     ranks = run_ranks(_skip_one_poisoned_step, 2, configs, str(tmp_path), timeout_s=600)

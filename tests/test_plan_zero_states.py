@@ -63,7 +63,7 @@ def _rank_main(rank: int, port: int, precision: str, out_path: str) -> None:
         before = _live_tensor_bytes()
         module = build_objective_module(cfg)
         before_ema = _live_tensor_bytes()
-        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/loop/worker.py
+        ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, stage, rank, WORLD)  # as trainer/loop/run.py
         ema_bytes = _live_tensor_bytes() - before_ema
         engine = build_engine(cfg, module, cfg.batch_split(WORLD))
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -37,9 +37,9 @@ def resolve_step_dir(path: str, reads: list[str] | None = None) -> tuple[str, in
 
 def consolidated_model_weights(step_dir: str) -> dict:
     """The raw weights of the DiP (no EMA) from any ZeRO stage's shards, in float32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from trainer.model_io import consolidated_weights
 
-    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(step_dir), tag=os.path.basename(step_dir))
+    state = consolidated_weights(step_dir)
     prefix = "denoiser."
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 

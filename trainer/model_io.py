@@ -89,13 +89,13 @@ def resolve_checkpoint_path(path: str) -> str:
     return os.path.join(store.step_path(step), EMA_FILE)
 
 
-def _read_checkpoint(file: str, mmap: bool = False) -> dict:
+def read_checkpoint(file: str, mmap: bool = False) -> dict:
     """The checkpoint dict of `file`; with mmap, tensors stay on disk until touched (shapes only)."""
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # truncated file, or a pickle that is more than weights
         if mmap:  # a legacy (pre-zip) file cannot be mapped: read it whole
-            return _read_checkpoint(file)
+            return read_checkpoint(file)
         raise ValueError(f"cannot read checkpoint {file!r} as weights: {err}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{file!r} is not a checkpoint dict")
@@ -123,8 +123,17 @@ def trained_with(step_dir: str) -> dict:
     if not os.path.isfile(path):
         return {}
     verify_committed(step_dir, [TRAIN_STATE])
-    data = (_read_checkpoint(path, mmap=True).get("config") or {}).get("data") or {}
+    data = (read_checkpoint(path, mmap=True).get("config") or {}).get("data") or {}
     return {"resolution": int(data["resolution"])} if data.get("resolution") else {}
+
+
+def consolidated_weights(step_dir: str) -> dict[str, torch.Tensor]:
+    """Every trained tensor of a committed step-N/ (the DiP under "denoiser.", a REPA projector under
+    "repa_projector."), consolidated from any ZeRO stage's shards, in float32: the raw, non-EMA weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step_dir = os.path.normpath(step_dir)
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(step_dir), tag=os.path.basename(step_dir))
 
 
 def sampling_side(config: DiPConfig, requested: int | None, trained: int | None, flag: str) -> tuple[int, str]:
@@ -154,7 +163,7 @@ class CheckpointFacts:
 
     def load_model(self, device: str | torch.device = "cpu") -> DiP:
         """The EMA network of `file` (verified when the facts were read), in eval mode."""
-        return model_from_checkpoint(_read_checkpoint(self.file)).to(device)
+        return model_from_checkpoint(read_checkpoint(self.file)).to(device)
 
     def image_side(self, requested: int | None, flag: str) -> tuple[int, str]:
         return sampling_side(self.config, requested, self.resolution, flag)
@@ -173,7 +182,7 @@ class CheckpointFacts:
 def checkpoint_facts(path: str) -> CheckpointFacts:
     """CheckpointFacts of any supported checkpoint, read without loading its weights."""
     file = resolve_checkpoint_path(path)
-    checkpoint = _read_checkpoint(file, mmap=True)
+    checkpoint = read_checkpoint(file, mmap=True)
     config = _model_config(checkpoint)
     recorded = checkpoint.get(TRAINED_WITH)
     if not isinstance(recorded, dict):  # ema.pt of a step-N/: its train_state.pt holds the run's config
@@ -184,7 +193,7 @@ def checkpoint_facts(path: str) -> CheckpointFacts:
 def load_sampling_model(path: str, device: str | torch.device = "cpu") -> DiP:
     """The EMA network in eval mode, from any supported checkpoint format (a committed checkpoint's
     file only when it matches its recorded checksum)."""
-    return model_from_checkpoint(_read_checkpoint(resolve_checkpoint_path(path))).to(device)
+    return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path))).to(device)
 
 
 def model_from_checkpoint(checkpoint: dict) -> DiP:

@@ -16,6 +16,7 @@ from trainer.config import config_hash, flatten, to_dict
 
 def open_tracking(run: PreparedRun):
     """The run's MLflow run (reopened on resume) and the driver's background logger."""
+    from trainer.checkpoint.init_from import tracking_items
     from trainer.tracking.run_logger import RunLogger, git_commit, open_run
 
     cfg = run.cfg
@@ -23,8 +24,9 @@ def open_tracking(run: PreparedRun):
             "device_kind": "cuda" if cfg.cluster.use_gpu else "cpu", "config_hash": config_hash(cfg),
             "precision": cfg.train.precision, "global_batch": str(cfg.global_batch),
             "workers": str(cfg.cluster.num_workers if not cfg.cluster.elastic else list(cfg.cluster.num_workers))}
-    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, flatten(cfg), tags,
-                      run.paths.artifact_dir, run.plan.mlflow_run_id)
+    init_params, init_tags = tracking_items(run.init)  # where the starting weights came from
+    run_id = open_run(run.paths.tracking_uri, cfg.tracking.experiment, cfg.run_name, {**flatten(cfg), **init_params},
+                      {**tags, **init_tags}, run.paths.artifact_dir, run.plan.mlflow_run_id)
     driver_log = RunLogger(run.paths.tracking_uri, run_id)
     driver_log.log_artifact(os.path.join(run.paths.run_dir, "config.yaml"),
                             "config" if run.plan.step is None else f"config/resume-{step_name(run.plan.step)}")
@@ -41,14 +43,14 @@ def build_trainer(run: PreparedRun, run_id: str):
     cfg, paths = run.cfg, run.paths
     scaling = {"num_workers": cfg.cluster.num_workers, "use_gpu": cfg.cluster.use_gpu,
                "resources_per_worker": {"CPU": cfg.cluster.cpus_per_worker}}
-    callbacks = []
+    callbacks, trainer_cls = [], TorchTrainer
     if cfg.cluster.elastic:
-        from cluster.driver.elastic import checkpoint_before_grow
+        from cluster.driver.elastic import checkpoint_before_grow_policy, trainer_with_policy
 
         scaling["elastic_resize_monitor_interval_s"] = cfg.cluster.resize_check_s
-        hook = checkpoint_before_grow(paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s)
-        callbacks += [hook] if hook is not None else []
-    return TorchTrainer(
+        trainer_cls = trainer_with_policy(TorchTrainer, lambda scaling_config: checkpoint_before_grow_policy(
+            scaling_config, paths.checkpoint_uri, timeout_s=cfg.checkpoint.commit_timeout_s))
+    return trainer_cls(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(run.worker_cfg),
                            "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,

@@ -4,7 +4,7 @@ fit with the eval pool (fit.py), stop signals turned into checkpoint-and-stop (s
 (report.py). `launch` below runs them in order and closes everything in its `finally`.
 
 The driver owns nothing heavy: the config, the MLflow run, the checkpoint directory's listing and
-(when enabled) the eval pool. Workers do all the training (trainer/loop/worker.py).
+(when enabled) the eval pool. Workers do all the training (trainer/loop/run.py).
 """
 from __future__ import annotations
 

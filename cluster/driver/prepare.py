@@ -47,6 +47,7 @@ class PreparedRun:
     paths: RunPaths
     store: CheckpointStore
     plan: ResumePlan
+    init: object = None              # trainer.checkpoint.init_from.InitSource: train.init_from, when it is loaded
 
 
 def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
@@ -59,15 +60,18 @@ def prepare_run(cfg: TrainConfig, echo=_echo) -> PreparedRun:
     store.clear_stop_request()  # stale requests of an earlier, stopped attempt
     store.clear_resize_request()
     plan = plan_resume(cfg, store)
+    from trainer.checkpoint.init_from import plan_init  # a source that does not fit is refused before Ray starts
+
+    init, init_notes = plan_init(cfg, store.display(plan.step) if plan.step is not None else None)
     echo(f"dip train: run {cfg.run_name!r} in {paths.run_dir}")
     echo(f"batch: {cfg.batch_arithmetic()}")
     if cfg.cluster.elastic:
         echo(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; the global batch of "
              f"{cfg.global_batch} is kept at every size (the accumulation is re-solved at each restart)")
     echo("resolved config:\n" + "\n".join("  " + line for line in to_yaml(cfg).splitlines()))
-    for note in plan.notes:
+    for note in plan.notes + init_notes:
         echo(f"dip train: {note}")
     with open(os.path.join(paths.run_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     data_cfg = data.prepare_dataset(cfg.data, os.path.join(paths.run_dir, "data"))
-    return PreparedRun(cfg, cfg.replace(data=data_cfg), paths, store, plan)
+    return PreparedRun(cfg, cfg.replace(data=data_cfg), paths, store, plan, init)

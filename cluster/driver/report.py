@@ -42,7 +42,10 @@ def write_model_card(cfg: TrainConfig, paths, run_id: str, latest: int | None, r
              f"- final loss (last logging interval): {metrics.get('last_loss', 'unknown')}",
              f"- checkpoint: {paths.checkpoint_uri}/{step_name(latest) if latest is not None else '(none)'} "
              "(ema.pt is the sampling model)",
-             f"- data: {cfg.data.path}", f"- config hash: {config_hash(cfg)}", f"- MLflow run: {run_id}", ""]
+             f"- data: {cfg.data.path}", f"- config hash: {config_hash(cfg)}", f"- MLflow run: {run_id}"]
+    if cfg.train.init_from:
+        lines.append(f"- initialised from: {cfg.train.init_from} ({cfg.train.init_weights} weights)")
+    lines.append("")
     with open(card, "w") as f:
         f.write("\n".join(lines))
     tracker.log_artifact(card)

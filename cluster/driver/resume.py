@@ -21,16 +21,16 @@ def plan_resume(cfg: TrainConfig, store: CheckpointStore) -> ResumePlan:
     the workers re-partition the ZeRO state and the data (trainer.checkpoint.manager)."""
     from trainer.checkpoint.manager import load_train_state
 
-    # every file's checksum, as the workers will check it before loading (an altered newest checkpoint
-    # is named in a warning here and the previous one planned, as they will do)
-    latest = store.latest_committed(warn=True, deep=True)
+    # the marker (sizes) and the train state only: the workers checksum every file as they load it and
+    # fall back together to the previous step if one fails (trainer.checkpoint.manager)
+    latest = store.latest_committed(warn=True)
     if latest is None:
         return ResumePlan()
     where = store.display(latest)
     if cfg.checkpoint.resume == "never":
         raise FileExistsError(f"run {cfg.run_name!r} already has a committed checkpoint ({where}) and "
                               "checkpoint.resume=never: choose another run_name, or delete the checkpoints")
-    state = load_train_state(store, latest)
+    state = load_train_state(store, latest, store.read_marker(latest))
     problems = resume_incompatibilities(state["config"], cfg)
     if problems:
         raise ValueError(f"cannot resume run {cfg.run_name!r} from {where}: " + "; ".join(problems)

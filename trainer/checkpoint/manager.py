@@ -12,8 +12,10 @@ and reports them; rank 0 waits for every rank's report, writes the COMMITTED mar
 prunes old checkpoints. A crash anywhere in the write leaves an uncommitted directory that is never
 loaded, and the previous checkpoint intact.
 
-A restore reads the newest committed step. On the world size that wrote it, DeepSpeed loads its own
-shards; on another (an elastic resize, or a run restarted by hand with another
+A restore reads the newest committed step, each file by the ranks that need it and checksummed as it
+is read for loading (trainer.checkpoint.reader); a file that fails makes every rank fall back to the
+previous committed step together. Nothing is staged on local disk. On the world size that wrote it,
+DeepSpeed loads its own shards; on another (an elastic resize, or a run restarted by hand with another
 cluster.num_workers), ZeRO-1/2/3 state is re-partitioned exactly by trainer.checkpoint.repartition, the data
 loader deals the rest of the epoch out over the new ranks, and the progress counters, EMA and LR
 schedule continue.
@@ -37,7 +39,8 @@ import torch.distributed as dist
 
 from data.remote import process_token, token_alive
 from trainer import faults
-from trainer.checkpoint.deepspeed_io import load_engine, snapshot_engine, to_host
+from trainer.checkpoint.deepspeed_io import engine_files_for_rank, load_engine_from_files, snapshot_engine, to_host
+from trainer.checkpoint.reader import ChecksumMismatch
 from trainer.checkpoint.store import EMA_FILE, TRAIN_STATE, CheckpointStore, step_name
 from trainer.checkpoint.rng_state import capture_rng, restore_rng
 
@@ -65,8 +68,10 @@ def sweep_stale_staging_dirs(temp_dir: str | None = None) -> list[str]:
     return removed
 
 
-def load_train_state(store: CheckpointStore, step: int) -> dict:
-    state = torch.load(store.open_file(step, TRAIN_STATE), map_location="cpu", weights_only=True)
+def load_train_state(store: CheckpointStore, step: int, marker: dict | None = None) -> dict:
+    """step-N's train_state.pt; checksummed as it is read when the step's marker is given."""
+    source = store.open_file(step, TRAIN_STATE) if marker is None else store.read_checked(step, TRAIN_STATE, marker)
+    state = torch.load(source, map_location="cpu", weights_only=True)
     if state.get("format") != TRAIN_STATE_FORMAT:
         raise ValueError(f"{store.display(step)}/{TRAIN_STATE}: unknown format {state.get('format')!r}")
     return state
@@ -158,57 +163,103 @@ class CheckpointManager:
     #                                         restore
     # ------------------------------------------------------------------------------------------
     def resume(self, enabled: bool = True) -> Resumed | None:
-        """Agree on the newest loadable checkpoint, clear leftovers newer than it (rank 0), name this
+        """Agree on the newest checkpoint that loads, clear leftovers newer than it (rank 0), name this
         attempt, and restore every component from it. None: a fresh start."""
-        latest = self.newest_loadable() if enabled else None
+        candidates: list = [[]]
+        if self.rank == 0 and enabled:
+            candidates = [list(reversed(self.store.committed_steps(warn=True)))]
+        dist.broadcast_object_list(candidates, src=0)
+        resumed = None
+        for step in candidates[0]:
+            resumed = self._try_restore(step)
+            if resumed is not None:
+                break
         payload: list = [None]
         if self.rank == 0:
-            self.store.discard_after(latest)
+            self.store.discard_after(None if resumed is None else resumed.step)
             payload = [uuid.uuid4().hex]
         dist.broadcast_object_list(payload, src=0)
         self.attempt = payload[0]
-        return None if latest is None else self.restore(latest)
+        return resumed
 
     def newest_loadable(self) -> int | None:
         """The newest committed checkpoint whose every file matches the checksum its marker recorded
-        (collective). Each rank reads a share of the files, so the checkpoint is read once in all; a
-        failed file on any rank skips the step on every rank, with a warning naming the file."""
+        (collective; a rollback's choice). Each rank reads a share of the files, so the checkpoint is
+        read once in all; a failed file on any rank skips the step on every rank, with a warning naming it."""
         candidates: list = [None]
         if self.rank == 0:
             candidates = [list(reversed(self.store.committed_steps(warn=True)))]
         dist.broadcast_object_list(candidates, src=0)
         for step in candidates[0]:
             mine = self.store.marker_files(step)[self.rank::self.world_size]
-            verdict = self.store.verify(step, deep=mine)
-            reasons: list = [None] * self.world_size
-            dist.all_gather_object(reasons, verdict.reason)
-            bad = [reason for reason in reasons if reason]
-            if not bad:
+            if self._agree(step, self.store.verify(step, deep=mine).reason):
                 return step
-            if self.rank == 0:
-                log.warning("skipping checkpoint %s: %s; using the previous committed one", self.store.display(step),
-                            "; ".join(bad))
         return None
+
+    def _agree(self, step: int, reason: str) -> bool:
+        """Collective: True when no rank found a problem with step-N; else rank 0 warns with every reason."""
+        reasons: list = [None] * self.world_size
+        dist.all_gather_object(reasons, reason)
+        bad = [r for r in reasons if r]
+        if bad and self.rank == 0:
+            log.warning("skipping checkpoint %s: %s; using the previous committed one", self.store.display(step),
+                        "; ".join(dict.fromkeys(bad)))
+        return not bad
+
+    def _try_restore(self, step: int, data_state: dict | None = None) -> Resumed | None:
+        """Restore step-N, or None on every rank when any rank read a file that failed its checksum.
+        Two agreements: after the whole-file reads (before DeepSpeed's loader, which may run collectives),
+        and after the engine's load (ranged reads re-partitioning another world size's state)."""
+        reason, staged = "", None
+        try:
+            staged = self._read_step(step)
+        except ChecksumMismatch as err:
+            reason = str(err)
+        if not self._agree(step, reason):
+            return None
+        try:
+            self._load_engine(step, staged)
+        except ChecksumMismatch as err:
+            reason = str(err)
+        if not self._agree(step, reason):
+            return None
+        return self._restore_components(step, staged, data_state)
 
     def restore(self, step: int, data_state: dict | None = None) -> Resumed:
         """Every component from step-N (collective). data_state: the data loader's position to take
         instead of the checkpoint's (a rollback keeps the data where it is, skipping what caused it)."""
-        state = load_train_state(self.store, step)
+        staged = self._read_step(step)
+        self._load_engine(step, staged)
+        return self._restore_components(step, staged, data_state)
+
+    def _read_step(self, step: int) -> dict:
+        """What this rank loads whole, read and checksummed now (ChecksumMismatch names a bad file):
+        train_state.pt (every rank), ema.pt (rank 0), and on the saving world size (or ZeRO-0) the rank's
+        own DeepSpeed files and the shared ones. Held in memory until loaded (bounded by those files)."""
+        marker = self.store.read_marker(step) or {}
+        state = load_train_state(self.store, step, marker)
+        saved_world = int(state["world_size"])
+        resharded = saved_world != self.world_size and self.zero_stage != 0
+        engine_files = {} if resharded else {
+            rel: self.store.read_checked(step, rel, marker)
+            for rel in engine_files_for_rank([r for r in marker.get("files", {}) if r not in (TRAIN_STATE, EMA_FILE)],
+                                             self.rank)}
+        ema = self.store.read_checked(step, EMA_FILE, marker) if self.rank == 0 else None
+        return {"marker": marker, "state": state, "resharded": resharded, "engine_files": engine_files, "ema": ema}
+
+    def _load_engine(self, step: int, staged: dict) -> None:
+        if staged["resharded"]:
+            from trainer.checkpoint.lazy_files import StoreStepFiles
+            from trainer.checkpoint.repartition import load_resharded
+
+            load_resharded(self.engine, StoreStepFiles(self.store, step, staged["marker"]))
+        else:  # same world size, or ZeRO-0 (whole optimizer state in one file)
+            load_engine_from_files(self.engine, step_name(step), staged.pop("engine_files"))
+
+    def _restore_components(self, step: int, staged: dict, data_state: dict | None) -> Resumed:
+        state = staged["state"]
         saved_world = int(state["world_size"])
         same_world = saved_world == self.world_size
-        cache = "" if self.store.is_local else tempfile.mkdtemp(prefix=f"dip-resume-r{self.rank}-")
-        try:
-            local_step_dir = self.store.local_dir(step, cache)
-            resharded = not same_world and self.zero_stage != 0
-            if resharded:
-                from trainer.checkpoint.repartition import load_resharded
-
-                load_resharded(self.engine, local_step_dir)
-            else:  # same world size, or ZeRO-0 (whole optimizer state in one file)
-                load_engine(self.engine, local_step_dir)
-        finally:
-            if cache:  # a downloaded copy: the engine holds what it needs now
-                shutil.rmtree(cache, ignore_errors=True)
         # every rank's data state describes the same global position; another world size re-deals the
         # epoch's rest from it. Process RNGs belong to ranks: carried over only when the ranks are the same.
         ranks = state["ranks"]
@@ -216,12 +267,13 @@ class CheckpointManager:
         self.loader.load_state_dict(mine["data"] if data_state is None else data_state)
         if same_world:
             restore_rng(mine["rng"])
-        # rank 0 reads ema.pt; under ZeRO-3 each rank keeps its partition at this world size (collective)
-        ema_weights = load_ema_file(self.store, step)["state_dict"] if self.rank == 0 else None
+        # rank 0 read ema.pt; under ZeRO-3 each rank keeps its partition at this world size (collective)
+        ema_weights = torch.load(staged["ema"], map_location="cpu", weights_only=True)["state_dict"] \
+            if self.rank == 0 else None
         self.ema.load_full_state_dict(ema_weights, state["ema_num_updates"])
         self.progress.load_state_dict(state)
         self.last_saved_step = self.progress.step
-        return Resumed(step, self.store.display(step), saved_world, state.get("batch_split"), resharded)
+        return Resumed(step, self.store.display(step), saved_world, state.get("batch_split"), staged["resharded"])
 
     # ------------------------------------------------------------------------------------------
     #                                          save

@@ -4,9 +4,10 @@ DeepSpeed refuses optimizer shards of another data-parallel world size; its way 
 checkpoints) is an offline conversion pass that writes the whole state a second time and loads with
 weights_only=False. A ZeRO checkpoint already holds everything a resize needs: per rank, the flat fp32
 master partition and AdamW's moments in the same layout, plus every parameter's shape in order. This
-module maps those flat partitions back to parameters (`ZeroCheckpoint`, weights_only + mmap, reading
-only the bytes asked for) and writes each new rank's slices straight into the engine's partitions
-(`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
+module maps those flat partitions back to parameters (`ZeroCheckpoint`, weights_only; each file's zip
+directory and pickle are read with torch.load(map_location="meta"), then only the byte ranges of the
+slices asked for, from a local directory or straight from the store: trainer.checkpoint.reader) and
+writes each new rank's slices straight into the engine's partitions (`load_resharded`): the weights, the fp32 master, exp_avg, exp_avg_sq and the step count come back
 exactly (copies, no arithmetic), for ZeRO-1, 2 and 3.
 
 Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
@@ -17,28 +18,23 @@ Layouts (DeepSpeed 0.19, as its zero_to_fp32 reads them):
 """
 from __future__ import annotations
 
-import glob
 import math
-import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from trainer.checkpoint.lazy_files import LoadedTensor, LocalStepFiles, RangedTensor, open_lazily, read_whole
+from trainer.checkpoint.pins import require
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.reader import RangedReader
 
 FP32 = "fp32"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 KINDS = (FP32, *MOMENTS)
 _RANK = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
-
-
-def load_weights_only(path: str, mmap: bool = True):
-    """torch.load with weights_only=True and the DeepSpeed classes its files hold allow-listed."""
-    from trainer.checkpoint.deepspeed_io import deepspeed_safe_globals
-
-    with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
 @dataclass(frozen=True)
 class _Place:
     group: int       # parameter group (ZeRO-1/2) / 0 (ZeRO-3: offsets run over all sub-groups)
@@ -53,27 +49,40 @@ class _Place:
 class ZeroCheckpoint:
     """One committed DeepSpeed step directory, read as per-parameter tensors of any world size."""
 
-    def __init__(self, step_dir: str):
-        self.step_dir = step_dir
-        optim_files = sorted(glob.glob(os.path.join(step_dir, "*_optim_states.pt")),
+    def __init__(self, step_dir):
+        require("ZeRO checkpoint re-partitioning")  # DeepSpeed's partition layout, read as it was tested
+        """step_dir: a local directory, or a LocalStepFiles / StoreStepFiles."""
+        self.files = LocalStepFiles(step_dir) if isinstance(step_dir, str) else step_dir
+        self.step_dir = self.files.where
+        names = self.files.names()
+        optim_files = sorted((n for n in names if n.endswith("_optim_states.pt")),
                              key=lambda f: int(_RANK.search(f).group(1)) if _RANK.search(f) else -1)
-        model_files = sorted(glob.glob(os.path.join(step_dir, "*model_states.pt")))
+        model_files = sorted(n for n in names if n.endswith("model_states.pt"))
         if not model_files:
-            raise FileNotFoundError(f"{step_dir}: no DeepSpeed model states file")
-        self.model_state = load_weights_only(model_files[0])
+            raise FileNotFoundError(f"{self.step_dir}: no DeepSpeed model states file")
+        self._model_reader = self.files.open(model_files[0])
+        self.model_state = open_lazily(self._model_reader)
         self.param_shapes: list[dict[str, torch.Size]] = self.model_state["param_shapes"]
-        self.shards = [load_weights_only(f)["optimizer_state_dict"] for f in optim_files]
+        readers = [self.files.open(f) for f in optim_files]
+        self.shards = [open_lazily(reader)["optimizer_state_dict"] for reader in readers]
+        self._readers = readers
         self.stage = int(self.shards[0]["zero_stage"]) if self.shards else 0
         self.world_size = len(self.shards) if self.shards else int(self.model_state.get("dp_world_size", 1))
         if self.stage:
             counts = self.shards[0]["partition_count"]
             expected = max(counts) if isinstance(counts, list) else int(counts)
             if expected != len(self.shards):
-                raise ValueError(f"{step_dir}: {len(self.shards)} optimizer shard files, but they were written by "
+                raise ValueError(f"{self.step_dir}: {len(self.shards)} optimizer shard files, but they were written by "
                                  f"{expected} ranks: the checkpoint is incomplete")
-        self._flats = {kind: [self._rank_flats(shard, kind) for shard in self.shards] for kind in KINDS} \
-            if self.stage else {}
+        self._flats = {kind: [self._rank_flats(shard, kind, reader) for shard, reader in zip(self.shards, readers)]
+                       for kind in KINDS} if self.stage else {}
         self._places = self._layout() if self.stage else {}
+        if self.stage:
+            self._check_partition_sizes(optim_files)
+
+    def close(self) -> None:
+        for reader in [self._model_reader, *self._readers]:
+            reader.close()
 
     # -- what the files hold ---------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -106,11 +115,13 @@ class ZeroCheckpoint:
     def stage_of(shard: dict) -> int:
         return int(shard["zero_stage"])
 
-    def _rank_flats(self, shard: dict, kind: str) -> list[torch.Tensor]:
+    def _rank_flats(self, shard: dict, kind: str, reader: RangedReader) -> list:
         if kind == FP32:
             key = "single_partition_of_fp32_groups" if self.stage_of(shard) <= 2 else "fp32_flat_groups"
-            return list(shard[key])
-        return [state[kind] for state in self._base_states(shard)]
+            flats = list(shard[key])
+        else:
+            flats = [state[kind] for state in self._base_states(shard)]
+        return [RangedTensor(flat, reader) if flat.is_meta else LoadedTensor(flat) for flat in flats]
 
     def _layout(self) -> dict[str, _Place]:
         places: dict[str, _Place] = {}
@@ -129,14 +140,38 @@ class ZeroCheckpoint:
                 offset += math.ceil(math.prod(shape) / self.world_size)
         return places
 
+    def _check_partition_sizes(self, optim_files: list[str]) -> None:
+        """Every rank's saved flat partitions hold exactly the elements the layout gives them: a truncated or
+        altered partition tensor would otherwise be read as other parameters' numbers (ZeRO-3) or fail far
+        from its cause."""
+        for kind in KINDS:
+            for rank, flats in enumerate(self._flats[kind]):
+                if self.stage >= 3:  # one flat: the sub-groups concatenated, ceil(numel / W) of every parameter
+                    expected = sum(math.ceil(place.numel / self.world_size) for place in self._places.values())
+                    check_partition_numel(optim_files[rank], kind, sum(f.numel() for f in flats), expected)
+                    continue
+                for group, flat in enumerate(flats):
+                    lean, padded = self._zero12_partition_numels(rank, group)
+                    check_partition_numel(optim_files[rank], f"{kind} group {group}", flat.numel(), lean, padded)
+
+    def _zero12_partition_numels(self, rank: int, group: int) -> tuple[int, int]:
+        """ZeRO-1/2: a group (its parameters and their alignment paddings) padded to W equal partitions of
+        P elements; DeepSpeed saves a rank's fp32 partition without the group padding that falls in it
+        (`group_paddings`, so P - padding), its Adam moments with or without it. Returns (P - padding, P)."""
+        end = max(place.offset + place.numel for place in self._places.values() if place.group == group)
+        paddings = [int((shard.get("group_paddings") or [0] * (group + 1))[group]) for shard in self.shards]
+        partition = (end + sum(paddings)) // self.world_size
+        return partition - paddings[rank], partition
+
     # -- reading ---------------------------------------------------------------------------------
     def read(self, name: str, kind: str = FP32, start: int = 0, numel: int | None = None) -> torch.Tensor:
         """Elements [start, start + numel) of parameter `name`'s flattened `kind` tensor (a copy).
-        Only the bytes of those elements are read from the mmap-ed files."""
+        Only the bytes of those elements are read (ranged reads of the files)."""
         if not self.stage:
             if kind != FP32:
                 raise ValueError(f"{self.step_dir}: a ZeRO-0 checkpoint keeps optimizer state whole, not per shard")
-            flat = self.model_state["module"][name].flatten().float()
+            weights = self.model_state["module"][name]
+            flat = (read_whole(weights, self._model_reader) if weights.is_meta else weights).flatten().float()
             return flat[start:flat.numel() if numel is None else start + numel].clone()
         place = self._places[name]
         numel = place.numel - start if numel is None else numel
@@ -145,6 +180,16 @@ class ZeroCheckpoint:
         if self.stage <= 2:
             return self._read_zero12(place, kind, start, numel)
         return self._read_zero3(place, kind, start, numel)
+
+    def module_weights(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Parameter `name` as the engine's module holds it: the saved module's tensor when it has that
+        dtype (read by range), else the fp32 master cast."""
+        weights = (self.model_state.get("module") or {}).get(name)
+        if weights is None or weights.dtype != dtype:
+            return self.full(name).to(dtype)
+        if not weights.is_meta:
+            return weights.clone()
+        return RangedTensor(weights.view(-1), self._model_reader).slice(0, weights.numel()).clone()
 
     def full(self, name: str, kind: str = FP32) -> torch.Tensor:
         shape = self._places[name].shape if self.stage else self.model_state["module"][name].shape
@@ -158,7 +203,7 @@ class ZeroCheckpoint:
             rank_end = rank_start + flat.numel()
             a, b = max(lo, rank_start), min(hi, rank_end)
             if a < b:
-                pieces.append(flat[a - rank_start:b - rank_start])
+                pieces.append(flat.slice(a - rank_start, b - rank_start))
             rank_start = rank_end
         out = torch.cat(pieces) if pieces else torch.empty(0)
         if out.numel() != numel:
@@ -174,28 +219,50 @@ class ZeroCheckpoint:
                 continue
             local = a - rank * piece + place.offset
             pieces.append(_slice_groups(flats, local, b - a))
-        return (torch.cat(pieces) if pieces else torch.empty(0)).float().clone()
+        out = torch.cat(pieces) if pieces else torch.empty(0)
+        if out.numel() != numel:
+            raise ValueError(f"{self.step_dir}: the ZeRO partitions hold {out.numel()} of {numel} elements asked for")
+        return out.float().clone()
 
 
-def _slice_groups(flats: list[torch.Tensor], start: int, numel: int) -> torch.Tensor:
+def check_partition_numel(path: str, what: str, found: int, expected: int, padded: int | None = None) -> None:
+    """A saved flat partition holds the element count its checkpoint's layout gives it (`expected`, or
+    `padded` with DeepSpeed's padding), or a clear error naming the file and both counts."""
+    if found not in (expected, expected if padded is None else padded):
+        also = f" ({padded} with its padding)" if padded not in (None, expected) else ""
+        raise ValueError(f"{path}: its {what} partition holds {found} elements, but the checkpoint's layout "
+                         f"gives it {expected}{also}: the file is truncated or altered")
+
+
+def _slice_groups(flats: list, start: int, numel: int) -> torch.Tensor:
     """Elements [start, start + numel) of the concatenation of `flats` (ZeRO-3 sub-groups)."""
     pieces, base = [], 0
     for flat in flats:
         a, b = max(start, base), min(start + numel, base + flat.numel())
         if a < b:
-            pieces.append(flat[a - base:b - base])
+            pieces.append(flat.slice(a - base, b - base))
         base += flat.numel()
-    return torch.cat(pieces)
+    return torch.cat(pieces) if pieces else torch.empty(0)  # nothing there: the caller's count check says so
 
 
 # ------------------------------------------------------------------------------------------------
 #                                     into a live engine
 # ------------------------------------------------------------------------------------------------
 
-def load_resharded(engine, step_dir: str) -> ZeroCheckpoint:
+def load_resharded(engine, step_dir) -> ZeroCheckpoint:
     """Restore weights, fp32 master, AdamW moments and step, LR schedule and step counters from a
-    ZeRO checkpoint written at any world size into `engine` (every rank calls it; no collective)."""
+    ZeRO checkpoint written at any world size into `engine` (every rank calls it; no collective).
+    step_dir: a local directory or a StoreStepFiles (ranged reads from the store, chunk-checked)."""
     ckpt = ZeroCheckpoint(step_dir)
+    try:
+        _load_into(engine, ckpt)
+    finally:
+        ckpt.close()
+    return ckpt
+
+
+def _load_into(engine, ckpt: ZeroCheckpoint) -> None:
+    step_dir = ckpt.step_dir
     stage = int(engine.zero_optimization_stage())
     if ckpt.stage != stage:
         raise ValueError(f"{step_dir} holds ZeRO-{ckpt.stage} state; this engine runs ZeRO-{stage}")
@@ -218,7 +285,6 @@ def load_resharded(engine, step_dir: str) -> ZeroCheckpoint:
     engine.global_steps = int(ckpt.model_state["global_steps"])
     engine.global_samples = int(ckpt.model_state.get("global_samples", 0))
     engine.skipped_steps = int(ckpt.model_state.get("skipped_steps", 0))
-    return ckpt
 
 
 def _moment_states(optimizer, flat: torch.Tensor, step: int) -> dict:
@@ -238,12 +304,17 @@ def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.single_partition_of_fp32_groups]
     for name, param in named:
-        param.data.copy_(ckpt.full(name).to(param.dtype))  # every rank holds the whole low-precision model
+        # every rank holds the whole low-precision model. Under bf16/fp16 the saved module's weights are
+        # those (the fp32 master cast), half the bytes of the master, and the rank reads its share of the
+        # master besides; under fp32 the master is the model: read once, the share sliced from it
+        master = ckpt.full(name) if param.dtype == torch.float32 else None
+        param.data.copy_((master if master is not None else ckpt.module_weights(name, param.dtype)).view_as(param))
         mapping = param._hp_mapping
         if mapping is None:  # no part of this parameter lies in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        mapping.hp_fragment.data.copy_(ckpt.read(name, FP32, lp.start, lp.numel))
+        mapping.hp_fragment.data.copy_(master.flatten()[lp.start:lp.start + lp.numel] if master is not None
+                                       else ckpt.read(name, FP32, lp.start, lp.numel))
         state = states[mapping.param_group_index]
         for key in MOMENTS:
             state[key].narrow(0, hp.start, hp.numel).copy_(ckpt.read(name, key, lp.start, lp.numel))

@@ -18,10 +18,14 @@ import logging
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import xxhash
+
+from trainer.checkpoint.reader import (CHECKSUM, ChecksumMismatch, ChunkHasher, MemoryFile, RangedReader,
+                                       read_verified)
 
 log = logging.getLogger("dip.checkpoint")
 
@@ -31,9 +35,13 @@ EMA_FILE = "ema.pt"
 DONE_PREFIX = ".done-rank-"
 STOP_REQUEST = "STOP_REQUESTED"
 RESIZE_REQUEST = "RESIZE_REQUESTED"
+RESIZE_ANSWER_PREFIX = "RESIZE_ANSWERED-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-CHECKSUM = "xxh3_64"     # the algorithm recorded with every file
 READ_CHUNK = 8 << 20     # bytes per read when a file is checksummed
+
+
+def _resize_answer(request_id: str) -> str:
+    return f"{RESIZE_ANSWER_PREFIX}{request_id}"
 
 
 def new_hasher():
@@ -42,15 +50,19 @@ def new_hasher():
 
 class _HashingWriter:
     """A write-only file object in front of the real one: hashes and counts every byte on its way to
-    the file. Not seekable, so a writer cannot go back and change what was hashed (torch.save streams)."""
+    the file (a whole-file checksum and one per chunk, trainer.checkpoint.reader). Not seekable, so a
+    writer cannot go back and change what was hashed (torch.save streams)."""
 
     def __init__(self, raw):
-        self.raw, self.hasher, self.size = raw, new_hasher(), 0
+        self.raw, self.hasher = raw, ChunkHasher()
+
+    @property
+    def size(self) -> int:
+        return self.hasher.size
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         self.hasher.update(view)
-        self.size += len(view)
         self.raw.write(view)
         return len(view)
 
@@ -67,7 +79,7 @@ class _HashingWriter:
         return True
 
     def record(self) -> dict:
-        return {"size": self.size, "checksum": self.hasher.hexdigest(), "algorithm": CHECKSUM}
+        return self.hasher.record()
 
 
 def recorded_size(record) -> int:
@@ -307,6 +319,24 @@ class CheckpointStore:
         with self.fs.open_input_stream(self.step_path(step, rel_path)) as f:
             return io.BytesIO(f.read())
 
+    def read_checked(self, step: int, rel_path: str, marker: dict) -> MemoryFile:
+        """One file of step-N in memory, checksummed while it is read (ChecksumMismatch names it)."""
+        files = marker.get("files") or {}
+        if rel_path not in files:
+            raise ChecksumMismatch(f"{rel_path} is not listed in the COMMITTED marker")
+        return MemoryFile(read_verified(self.fs, self.step_path(step, rel_path), rel_path, files[rel_path]))
+
+    def open_ranged(self, step: int, rel_path: str, marker: dict | None) -> RangedReader:
+        """A seekable file object reading one file of step-N by range (chunk-checked when the marker
+        records chunk checksums; marker None: unchecked, for a directory read outside a resume)."""
+        record = None
+        if marker is not None:
+            files = marker.get("files") or {}
+            if rel_path not in files:
+                raise ChecksumMismatch(f"{rel_path} is not listed in the COMMITTED marker")
+            record = files[rel_path]
+        return RangedReader(self.fs.open_input_file(self.step_path(step, rel_path)), rel_path, record)
+
     def local_dir(self, step: int, cache_dir: str) -> str:
         """A local directory holding step-N: the directory itself when local, else a downloaded copy."""
         if self.is_local:
@@ -332,23 +362,61 @@ class CheckpointStore:
         self._delete_note(STOP_REQUEST)
 
     # -- resize requests (an elastic run about to grow asks the workers for a checkpoint first) -
-    def request_resize(self, to_workers: int) -> None:
-        self.write_json(RESIZE_REQUEST, {"requested_at": time.time(), "to_workers": to_workers})
+    # A request is one note written by the driver side only; it carries its own id and expiry. The
+    # workers answer in a separate note named by that id, so an answer can never bring back a request
+    # the driver already withdrew, and an answer to an old request is never read as one to a new one.
+    def request_resize(self, to_workers: int, expires_in_s: float) -> str:
+        """Ask the workers for a checkpoint before a grow; returns the request's id."""
+        request_id = uuid.uuid4().hex
+        now = time.time()
+        self.write_json(RESIZE_REQUEST, {"id": request_id, "to_workers": to_workers, "requested_at": now,
+                                         "expires_at": now + expires_in_s})
+        return request_id
+
+    def resize_request(self) -> dict | None:
+        """The pending resize request ({"id", "to_workers", "requested_at", "expires_at"}), or None when
+        there is none, or it is past its expiry (its driver gave up or died), or it is from before
+        requests had ids."""
+        note = self.read_json(RESIZE_REQUEST)
+        if not note or "id" not in note or time.time() >= float(note.get("expires_at", 0)):
+            return None
+        return note
 
     def resize_requested(self) -> bool:
-        return self.fs.get_file_info(self.path(RESIZE_REQUEST)).type == pafs.FileType.File
+        return self.resize_request() is not None
 
-    def answer_resize(self, step: int) -> None:
-        """The workers' answer to a resize request: the step they committed for it."""
-        note = self.read_json(RESIZE_REQUEST) or {}
-        self.write_json(RESIZE_REQUEST, {**note, "checkpoint_step": step})
+    def answer_resize(self, request_id: str, step: int) -> bool:
+        """The workers' answer to request `request_id`: the step they committed for it. Written only while
+        that very request is pending (False, nothing written, when it was withdrawn or expired); it
+        never creates or rewrites the request note."""
+        pending = self.resize_request()
+        if pending is None or pending["id"] != request_id:
+            log.warning("resize request %s was withdrawn before the workers answered it (step %d): no answer "
+                        "written", request_id, step)
+            return False
+        self.write_json(_resize_answer(request_id), {"id": request_id, "checkpoint_step": step})
+        return True
 
-    def resize_checkpoint(self) -> int | None:
-        note = self.read_json(RESIZE_REQUEST) or {}
-        return note.get("checkpoint_step")
+    def resize_checkpoint(self, request_id: str) -> int | None:
+        """The step the workers committed for request `request_id`, once they answered."""
+        note = self.read_json(_resize_answer(request_id)) or {}
+        return note.get("checkpoint_step") if note.get("id") == request_id else None
+
+    def withdraw_resize_request(self, request_id: str) -> None:
+        """The driver side is done with its request (answered, timed out, or the group failed): delete it
+        (only if it is still this one) and its answer."""
+        pending = self.read_json(RESIZE_REQUEST) or {}
+        if pending.get("id") == request_id:
+            self._delete_note(RESIZE_REQUEST)
+        self._delete_note(_resize_answer(request_id))
 
     def clear_resize_request(self) -> None:
+        """At a run's start: any request or answer left by an earlier attempt."""
         self._delete_note(RESIZE_REQUEST)
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        for info in infos:
+            if info.base_name.startswith(RESIZE_ANSWER_PREFIX) and info.type == pafs.FileType.File:
+                self._delete_note(info.base_name)
 
     def _delete_note(self, name: str) -> None:
         try:

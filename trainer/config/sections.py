@@ -21,6 +21,7 @@ from trainer.config.batch import BatchSplit, batch_arithmetic, batch_split, glob
 PRECISIONS = ("fp32", "bf16")
 ZERO_STAGES = (0, 1, 2, 3)
 RESUME_MODES = ("auto", "never")
+INIT_WEIGHTS = ("ema", "raw")
 SAMPLING_METHODS = ("euler", "heun")
 MODEL_WEIGHTS = ("auto", "copy", "reference")
 SYNTHETIC_REF = "synthetic"               # eval.ref_stats: held-out images of the synthetic set
@@ -102,6 +103,10 @@ class TrainSection(ConfigModel):
     # roll back to the last committed checkpoint and skip the data since it (trainer/loop/nonfinite.py)
     nonfinite_patience: IntAtLeast(1) = 3
     max_rollbacks: IntAtLeast(0) = 2       # rollbacks per run; one more stops the run (FAILED, checkpoint kept)
+    # start a new run from trained weights (trainer/checkpoint/init_from.py): a step-N/ dir, a checkpoints dir,
+    # a `dip export` file or the authors' checkpoint; "" = from scratch. Ignored once the run has checkpoints
+    init_from: Text = ""
+    init_weights: Literal["ema", "raw"] = "ema"   # raw: the trained (non-EMA) weights of the source
 
 
 class CheckpointSection(ConfigModel):

@@ -42,6 +42,7 @@ class StopControl:
         self.store, self.checkpoints, self.progress, self.device = store, checkpoints, progress, device
         self.is_main, self.check_every, self.max_steps, self.in_ray = is_main, check_every, max_steps, in_ray
         self.preemption_saved = False  # one checkpoint per preemption notice, then training goes on
+        self.resize_request_id = None   # the elastic grow request rank 0 saw, answered by its id
 
     def poll(self) -> int:
         """The agreed stop flag at a check step (every train.stop_check_every), STOP_NONE between them."""
@@ -53,8 +54,9 @@ class StopControl:
         flag = STOP_NONE
         if self.is_main and self.store.stop_requested():
             flag = STOP_REQUESTED
-        elif self.is_main and self.store.resize_requested():
+        elif self.is_main and (resize := self.store.resize_request()) is not None:
             flag = STOP_RESIZE
+            self.resize_request_id = resize["id"]  # answered by id: never a request withdrawn since
         if self.in_ray:
             import ray.train
 
@@ -90,7 +92,7 @@ class StopControl:
         side has seen it. Wait for that (bounded), then carry on if it never came."""
         self.checkpoints.wait()  # on rank 0 that includes the commit
         if self.is_main:
-            self.store.answer_resize(self.progress.step)
+            self.store.answer_resize(self.resize_request_id, self.progress.step)
         log.info("checkpoint for the resize written at step %d: waiting for Ray to restart the group",
                  self.progress.step)
         deadline = time.monotonic() + RESIZE_WAIT_S

@@ -64,7 +64,9 @@ def deepspeed_config(cfg: TrainConfig, split: BatchSplit) -> dict:
         "gradient_accumulation_steps": split.grad_accum,
         "train_batch_size": split.global_batch,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # said, not left to DeepSpeed's default: a bf16 step with a non-finite gradient norm is skipped on
+        # every rank (trainer.loop.nonfinite); tests/test_nonfinite.py checks it under ZeRO-1/2/3
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": True},
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW: no 45 s CPU-Adam JIT build
         "steps_per_print": 10 ** 12,

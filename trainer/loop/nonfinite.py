@@ -26,11 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer.checkpoint.pins import require
+
 
 def guard_plain_optimizer(engine) -> None:
     """Give an optimizer without DeepSpeed's overflow check (a torch optimizer under ZeRO-0 in fp32) one:
     a step with a non-finite gradient norm does nothing and reports `overflow`, which DeepSpeed's engine
-    reads to count the step as skipped and leave the LR schedule alone."""
+    reads to count the step as skipped and leave the LR schedule alone. Called at every engine's build:
+    the skip rests on DeepSpeed's overflow path, so an untested DeepSpeed is refused here."""
+    require("non-finite step skip")
     optimizer = engine.optimizer
     if hasattr(optimizer, "overflow"):  # DeepSpeed's own optimizers: the check is theirs
         return

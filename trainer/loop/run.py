@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from trainer import faults
+from trainer.checkpoint.init_from import initialise_module
 from trainer.checkpoint.manager import CheckpointManager, RunIdentity, TrainProgress
 from trainer.checkpoint.store import CheckpointStore, step_name
 from trainer.config import TrainConfig, config_from_dict, config_hash, to_dict
@@ -89,6 +90,7 @@ class TrainingRun:
         self.model_config = cfg.model.dip_config()
         module = build_objective_module(cfg)
         self.num_params = sum(p.numel() for p in module.denoiser.parameters())
+        self.init_source = initialise_module(module, cfg, self.ctx.checkpoint_uri, self.rank)  # train.init_from
         # the EMA starts from the same initial weights as the model, before DeepSpeed shards or casts them
         self.ema = build_training_ema(module.denoiser, cfg.optim.ema_decay, cfg.train.zero_stage, self.rank,
                                       self.world_size)

@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from trainer.checkpoint.pins import require
+
 
 def build_training_ema(model: nn.Module, decay: float, zero_stage: int, rank: int, world_size: int):
     """The EMA for `model` (the denoiser, before DeepSpeed partitions or casts it) at this ZeRO stage."""
@@ -92,6 +94,7 @@ class ShardedEMA:
     def __init__(self, model: nn.Module, decay: float, rank: int, world_size: int):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay={decay!r}: must be in [0, 1]")
+        require("sharded EMA")  # ZeRO-3's ds_tensor partitions, as tested
         self.decay, self.rank, self.world_size = decay, rank, world_size
         self.num_updates = 0
         self._template = _meta_copy(model).float().eval().requires_grad_(False)  # rank 0 samples with it

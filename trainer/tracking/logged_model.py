@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from trainer.checkpoint.pins import supported
 from trainer.checkpoint.store import EMA_FILE, CheckpointStore
 
 log = logging.getLogger("dip.tracking")
@@ -82,14 +83,32 @@ class LoggedEMA:
 
 
 @contextmanager
+def _set_tracking_uri(uri: str):
+    """MLflow's internal per-call URI switch with the tested MLflow; otherwise the public API (set, then
+    set back what was there: the documented safe path, the same effect in this single-threaded call)."""
+    if supported("MLflow tracking URI per call"):
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(uri):
+            yield
+        return
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@contextmanager
 def _tracking_uri(uri: str):
     """MLflow's model logging reads the process-wide tracking URI: set it for the call, then restore it
     (and the MLFLOW_TRACKING_URI variable MLflow sets beside it)."""
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     try:
-        with _use_tracking_uri(uri):
+        with _set_tracking_uri(uri):
             yield
     finally:
         if saved is None:
@@ -104,8 +123,9 @@ def _model_name(run_name: str) -> str:
 
 def log_ema_model(tracking_uri: str, run_id: str, run_name: str, checkpoint_uri: str, step: int, config_hash: str,
                   resolution: int, weights: str = "auto", copy_max_mb: float = 1024.0,
-                  register_as: str = "") -> LoggedEMA:
-    """Log step-N's ema.pt as the run's LoggedModel (linked to the run at `step`)."""
+                  register_as: str = "", extra_tags: dict | None = None) -> LoggedEMA:
+    """Log step-N's ema.pt as the run's LoggedModel (linked to the run at `step`); extra_tags: e.g. the
+    weights the run started from (dip.init_from)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -116,7 +136,7 @@ def log_ema_model(tracking_uri: str, run_id: str, run_name: str, checkpoint_uri:
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     tags = {"dip.checkpoint": store.display(step), "dip.config_hash": config_hash, "dip.step": str(step),
-            "dip.weights": mode, "dip.ema_mb": f"{size_mb:.1f}"}
+            "dip.weights": mode, "dip.ema_mb": f"{size_mb:.1f}", **(extra_tags or {})}
     params = {**{k: str(v) for k, v in asdict(model.config).items()}, "resolution": str(resolution)}
     logged = client.create_logged_model(experiment_id, name=_model_name(run_name), source_run_id=run_id,
                                         tags=tags, params=params, model_type="dip")
@@ -148,7 +168,7 @@ def log_final_model(cfg, tracking_uri: str, run_id: str, checkpoint_uri: str, st
     try:
         logged = log_ema_model(tracking_uri, run_id, cfg.run_name, checkpoint_uri, step, config_hash,
                                cfg.data.resolution, cfg.tracking.model_weights, cfg.tracking.model_copy_max_mb,
-                               cfg.tracking.register_model)
+                               cfg.tracking.register_model, extra_tags=_lineage(cfg))
     except Exception as err:  # tracking must never fail a finished run
         log.warning("the final EMA model was not logged to MLflow: %s: %s", type(err).__name__, err)
         return None
@@ -156,3 +176,10 @@ def log_final_model(cfg, tracking_uri: str, run_id: str, checkpoint_uri: str, st
         if logged.registered_version else ""
     log.info("MLflow model %s (EMA of step %d, weights: %s%s)", logged.model_uri, step, logged.weights, registered)
     return logged
+
+
+def _lineage(cfg) -> dict:
+    """The LoggedModel's record of a warm start (train.init_from); {} for a run trained from scratch."""
+    if not cfg.train.init_from:
+        return {}
+    return {"dip.init_from": cfg.train.init_from, "dip.init_weights": cfg.train.init_weights}

@@ -1,0 +1,137 @@
+"""Resume I/O from S3: seconds and bytes the server sends while W ranks resume one checkpoint.
+
+A moto S3 server runs in this process behind a WSGI middleware counting the response bytes of GETs.
+2 ranks (gloo, the trainer's own loop: TrainingRun -> CheckpointManager.resume) train one step of the
+model and checkpoint it to s3://; then 2 ranks (the same world size) and 4 ranks (re-partitioned)
+resume it. Printed per resume: the slowest rank's seconds in CheckpointManager.resume and the bytes of
+step-N/ the server sent, as a multiple of the checkpoint's size.
+
+Before/after: run it once with this tree's code and once with another's on PYTHONPATH, e.g.
+    PYTHONPATH=$PWD python benchmarks/checkpoint_io.py --model DiP-S/16
+    PYTHONPATH=/work/main python benchmarks/checkpoint_io.py --model DiP-S/16
+(the script only calls TrainingRun, whose resume is that tree's).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import tempfile
+import threading
+import time
+
+
+
+class GetBytes:
+    """WSGI middleware: response body bytes of GET requests, per request path."""
+
+    def __init__(self, app):
+        self.app, self.lock, self.sent = app, threading.Lock(), collections.Counter()
+
+    def __call__(self, environ, start_response):
+        body = self.app(environ, start_response)
+        return self._counted(environ["PATH_INFO"], body) if environ["REQUEST_METHOD"] == "GET" else body
+
+    def _counted(self, path, body):
+        try:
+            for chunk in body:
+                with self.lock:
+                    self.sent[path] += len(chunk)
+                yield chunk
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+
+    def take(self) -> collections.Counter:
+        with self.lock:
+            sent, self.sent = self.sent, collections.Counter()
+        return sent
+
+
+def start_server(port: int) -> GetBytes:
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    counter = GetBytes(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", port, counter, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    return counter
+
+
+def rank_main(rank: int, world: int, cfg_dict: dict, uri: str, run_dir: str, save: bool) -> dict:
+    """Resume (timed), and with save one step and a checkpoint."""
+    from trainer.checkpoint.manager import CheckpointManager
+    from trainer.config import config_from_dict
+    from trainer.loop.run import TrainingRun, WorkerContext
+
+    original, timed = CheckpointManager.resume, {}
+
+    def resume(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            timed["resume_s"] = time.perf_counter() - start
+
+    CheckpointManager.resume = resume
+    run = TrainingRun(config_from_dict(cfg_dict), WorkerContext(uri, run_dir, "", ""), rank, world)
+    run.setup()
+    blocked = None
+    if save:
+        run.train_step()
+        run.progress.step += 1
+        blocked = run.checkpoints.save()
+    run.checkpoints.close()
+    run.loader.close()
+    return {**timed, "step": run.progress.step, "save_blocking_s": blocked}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="DiP-S/16")
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=32, help="images (the parameters do not depend on it)")
+    parser.add_argument("--worlds", default="2,4", help="resume world sizes; the first one saves")
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from data import prepare_dataset
+    from tests.data_helpers import free_port, run_ranks
+    from trainer.config import config_from_dict
+
+    worlds = [int(w) for w in args.worlds.split(",")]
+    work = tempfile.mkdtemp(prefix="dip-ckpt-io-")
+    cfg = {"model": {"name": args.model, "num_classes": 4},
+           "data": {"path": "synthetic", "resolution": args.resolution, "batch_size": 1, "num_workers": 0,
+                    "synthetic_images": 16, "synthetic_classes": 4, "seed": 0},
+           "optim": {"lr": 1.0e-4, "ema_decay": 0.9, "warmup_steps": 2},
+           "train": {"max_steps": 10, "zero_stage": args.stage, "precision": "fp32",
+                     "grad_accum": max(worlds) // worlds[0]},
+           "checkpoint": {"every_steps": 100, "keep": 2, "async_save": False},
+           "tracking": {"log_model": False}, "cluster": {"num_workers": worlds[0]}}
+    cfg["data"]["path"] = prepare_dataset(config_from_dict(cfg).data, os.path.join(work, "data")).path
+    counter = start_server(free_port())
+    uri = "s3://bench/run"
+    saved = run_ranks(rank_main, worlds[0], cfg, uri, os.path.join(work, "save"), True, timeout_s=1200)
+    from trainer.checkpoint.store import CheckpointStore
+
+    marker = CheckpointStore(uri).read_marker(1)
+    size = sum((r["size"] if isinstance(r, dict) else r) for r in marker["files"].values())
+    report = {"model": args.model, "zero_stage": args.stage, "saved_by": worlds[0], "checkpoint_bytes": size,
+              "save_blocking_s": max(r["save_blocking_s"] for r in saved), "resumes": []}
+    for world in worlds:
+        counter.take()
+        results = run_ranks(rank_main, world, cfg, uri, os.path.join(work, f"resume-{world}"), False, timeout_s=1200)
+        sent = sum(n for path, n in counter.take().items() if "/step-1/" in path)
+        report["resumes"].append({"ranks": world, "resume_s": round(max(r["resume_s"] for r in results), 2),
+                                  "bytes": sent, "x_checkpoint": round(sent / size, 2)})
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
