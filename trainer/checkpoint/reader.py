@@ -62,12 +62,11 @@ def _size(record) -> int:
     return int(record["size"]) if isinstance(record, dict) else int(record)
 
 
-class MemoryFile(io.RawIOBase):
-    """A seekable read-only file over a bytearray, without the copy io.BytesIO makes of one."""
+class _SeekableRead(io.RawIOBase):
+    """A read-only, seekable file of `size` bytes at position `pos`: subclasses say how to read."""
 
-    def __init__(self, data: bytearray):
-        super().__init__()
-        self.view, self.pos = memoryview(data), 0
+    size = 0
+    pos = 0
 
     def readable(self) -> bool:
         return True
@@ -79,8 +78,16 @@ class MemoryFile(io.RawIOBase):
         return self.pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence] + offset
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
         return self.pos
+
+
+class MemoryFile(_SeekableRead):
+    """A seekable read-only file over a bytearray, without the copy io.BytesIO makes of one."""
+
+    def __init__(self, data: bytearray):
+        super().__init__()
+        self.view, self.pos, self.size = memoryview(data), 0, len(data)
 
     def readinto(self, target) -> int:
         piece = self.view[self.pos:self.pos + len(target)]
@@ -112,7 +119,7 @@ def read_verified(fs, path: str, rel: str, record) -> bytearray:
     return buffer
 
 
-class RangedReader(io.RawIOBase):
+class RangedReader(_SeekableRead):
     """A seekable binary file over a pyarrow RandomAccessFile: each read is a ranged read; counts the
     bytes it fetched (`fetched`). With per-chunk checksums in `record`, reads whole chunks and checks
     each; raises ChecksumMismatch naming `rel`."""
@@ -127,21 +134,7 @@ class RangedReader(io.RawIOBase):
         self.pos, self.fetched = 0, 0
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
-    # -- io.RawIOBase --------------------------------------------------------------------------
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = base + offset
-        return self.pos
-
+    # -- io.RawIOBase: readable/seekable/tell/seek from _SeekableRead ---------------------------
     def readinto(self, target) -> int:
         data = self.pread(self.pos, len(target))
         target[:len(data)] = data
