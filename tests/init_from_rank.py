@@ -3,7 +3,6 @@ tests/test_init_from_launch.py: a 32 px source run, a 64 px run warm-started fro
 (the engine starts from the source's EMA weights, at step 0), then a restart of that run that resumes
 from its own step-4 and ignores init_from. Prints the log lines that say so; exits non-zero on a failed
 check. Usage: python tests/init_from_rank.py WORK_DIR PORT"""
-import dataclasses
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ def main(work: Path) -> None:
 
     def start(name: str, overrides: list[str]) -> TrainingRun:
         cfg = tiny_config(work, name, ["cluster.num_workers=1", *overrides])
-        cfg = dataclasses.replace(cfg, data=data.prepare_dataset(cfg.data, str(work / "data")))
+        cfg = cfg.replace(data=data.prepare_dataset(cfg.data, str(work / "data")))
         ctx = WorkerContext(checkpoint_uri=str(work / name / "checkpoints"), run_dir=str(work / name),
                             tracking_uri="", mlflow_run_id="")
         run = TrainingRun(cfg, ctx, 0, 1)

@@ -144,15 +144,16 @@ class ZeroCheckpoint:
         """Every rank's saved flat partitions hold exactly the elements the layout gives them: a truncated or
         altered partition tensor would otherwise be read as other parameters' numbers (ZeRO-3) or fail far
         from its cause."""
+        paths = [f"{str(self.step_dir).rstrip('/')}/{name}" for name in optim_files]  # the file a user can find
         for kind in KINDS:
             for rank, flats in enumerate(self._flats[kind]):
                 if self.stage >= 3:  # one flat: the sub-groups concatenated, ceil(numel / W) of every parameter
                     expected = sum(math.ceil(place.numel / self.world_size) for place in self._places.values())
-                    check_partition_numel(optim_files[rank], kind, sum(f.numel() for f in flats), expected)
+                    check_partition_numel(paths[rank], kind, sum(f.numel() for f in flats), expected)
                     continue
                 for group, flat in enumerate(flats):
                     lean, padded = self._zero12_partition_numels(rank, group)
-                    check_partition_numel(optim_files[rank], f"{kind} group {group}", flat.numel(), lean, padded)
+                    check_partition_numel(paths[rank], f"{kind} group {group}", flat.numel(), lean, padded)
 
     def _zero12_partition_numels(self, rank: int, group: int) -> tuple[int, int]:
         """ZeRO-1/2: a group (its parameters and their alignment paddings) padded to W equal partitions of
