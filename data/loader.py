@@ -19,7 +19,7 @@ from data.config import DataConfig, is_remote
 from data.records import collate
 from data.remote import (cache_root, clean_stale_caches, default_cache_dir, read_json, register_cache_user,
                          release_cache_user)
-from data.shm import clean_stale_streaming_state
+from data.shm import clean_stale_streaming_state, one_registration_at_a_time
 from data.wds_plan import Phase, consumed_per_slot, current_layout, round_robin
 from data.writer import MANIFEST, DamagedShardsError, damaged_shards
 
@@ -139,11 +139,13 @@ class _MdsBackend:
         self.config, self.world_size = config, world_size
         local, remote = mds_local_and_remote(root, is_remote(root), cache_dir)
         nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        self.dataset = DecodingStreamingDataset(
-            resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
-            local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,
-            shuffle_seed=config.seed, num_canonical_nodes=config.canonical_nodes or nodes,
-            download_timeout=config.download_timeout_s)
+        leader = world_size == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0
+        with one_registration_at_a_time(leader, dist.barrier if world_size > 1 else None):
+            self.dataset = DecodingStreamingDataset(
+                resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
+                local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,
+                shuffle_seed=config.seed, num_canonical_nodes=config.canonical_nodes or nodes,
+                download_timeout=config.download_timeout_s)
         self.epoch = 0
         self.offset = 0   # global samples of this epoch consumed before this process resumed it
         self.yielded = 0  # samples this rank yielded in this epoch since then

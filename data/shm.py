@@ -1,4 +1,5 @@
-"""Remove mosaicml-streaming shared memory and filelocks that a killed run left behind.
+"""Remove mosaicml-streaming shared memory and filelocks that a killed run left behind, and register
+a dataset's shared memory one job at a time per machine.
 
 `streaming.base.util.clean_stale_shared_memory()` unlinks every streaming segment on the machine,
 including those of live runs beside ours (other jobs, other tests). We remove a segment only when
@@ -12,6 +13,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 
 SHM_DIR = "/dev/shm"
 _SEGMENT = re.compile(r"^(\d{6})_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|"
@@ -91,3 +93,31 @@ def remove_orphan_filelocks(prefix_int: int) -> None:
             os.unlink(os.path.join(tempfile.gettempdir(), prefix + name))
         except FileNotFoundError:
             pass
+
+
+REGISTRATION_LOCK = os.path.join(tempfile.gettempdir(), "dip-streaming-prefix.lock")
+
+
+@contextmanager
+def one_registration_at_a_time(is_local_leader: bool, barrier=None):
+    """Around the construction of a StreamingDataset: no other job on this machine registers a
+    shared-memory prefix meanwhile. streaming's ranks each pick the first free prefix and the node's
+    leader then creates it; two jobs starting together pick the same one (FileExistsError
+    '/000000_locals' for a leader, 'does not match local leader' for the others). The node's leader
+    holds a machine-wide file lock (released by the kernel if the process dies) from before any rank
+    of its job looks until after every rank has registered; `barrier` (torch.distributed's, when
+    several ranks) keeps the other ranks from looking before it holds it."""
+    from filelock import FileLock
+
+    lock = FileLock(REGISTRATION_LOCK) if is_local_leader else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if barrier is not None:
+            barrier()  # the leaders of this job hold their node's lock
+        yield
+        if barrier is not None:
+            barrier()  # every rank of this job registered
+    finally:
+        if lock is not None:
+            lock.release()

@@ -120,3 +120,21 @@ def zero2_reference(tmp_path_factory):
 def zero3_reference(tmp_path_factory):
     """The same for ZeRO-3 (the trainer kill tests and the elastic multi-node test)."""
     return _reference_run(tmp_path_factory, 3)
+
+
+@pytest.fixture
+def mlflow_reads_from(monkeypatch):
+    """Point MLflow's process-wide tracking URI (what `models:/...` URIs resolve against) at a store for
+    one test, as a user would, and set back what was there after: an earlier test of the same xdist
+    worker may have set it, and the environment variable alone does not override that."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # MLflow 3.17 refuses pickles otherwise
+
+    def point_at(uri: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+
+    yield point_at
+    mlflow.set_tracking_uri(previous)

@@ -258,3 +258,40 @@ def test_mds_close_releases_its_shared_memory(precropped):
     assert any(name.startswith(prefix) for name in streaming_segments())
     loader.close()
     assert not [name for name in streaming_segments() if name.startswith(prefix)]
+
+
+def _start_together(path: str, start, registered, results) -> None:
+    """One job of its own: builds an MDS loader the moment every job is ready, then holds it open."""
+    try:
+        start.wait(timeout=120)
+        loader = build_dataloader(DataConfig(path=path, format="mds", resolution=RES, batch_size=8,
+                                             num_workers=0), 0, 1)
+        next(loader)
+        results.put(("ok", loader._backend.dataset._shm_prefix_int))
+        registered.wait(timeout=120)  # all alive at once: each holds its own prefix
+        loader.close()
+    except BaseException as error:  # reported to the test, which fails on it
+        results.put(("error", f"{type(error).__name__}: {error}"))
+        registered.abort()
+
+
+def test_jobs_starting_together_on_one_machine_each_register_their_own_shared_memory(precropped, tmp_path):
+    """streaming's ranks pick the first free shared-memory prefix and the leader then creates it: jobs
+    that start together picked the same one ('/000000_locals' exists). data/shm.py registers one job at
+    a time per machine; four jobs released by one barrier all start, on four different prefixes."""
+    import multiprocessing
+    import shutil
+
+    jobs = 4
+    context = multiprocessing.get_context("fork")
+    start, registered, results = context.Barrier(jobs), context.Barrier(jobs), context.Queue()
+    paths = [shutil.copytree(precropped, tmp_path / f"job{index}") for index in range(jobs)]
+    processes = [context.Process(target=_start_together, args=(str(path), start, registered, results))
+                 for path in paths]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=180) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert all(kind == "ok" for kind, _ in outcomes), outcomes
+    assert len({prefix for _, prefix in outcomes}) == jobs, outcomes

@@ -23,7 +23,7 @@ def _checkpoint(root) -> str:
     return str(root / "ckpt")
 
 
-def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_path, monkeypatch, caplog):
+def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_path, mlflow_reads_from, caplog):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -51,8 +51,7 @@ def test_a_referenced_model_is_a_pointer_that_loads_the_checkpoint_weights(tmp_p
                                                  dst_path=str(tmp_path / "download"))
     assert os.path.getsize(stored) < 10_000  # a pointer, not 25 MB of weights
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # MLflow 3.17 refuses pickles otherwise
+    mlflow_reads_from(uri)
     loaded = mlflow.pytorch.load_model(logged.model_uri)
     expected = sample_pixels(load_sampling_model(os.path.join(checkpoints, "step-8")), LABELS, 16, steps=2)
     assert torch.equal(sample_pixels(loaded, LABELS, 16, steps=2), expected)  # what dip sample draws

@@ -10,7 +10,7 @@ from tests.test_trainer_support import metric_history, ray_cluster, tiny_config 
 pytestmark = pytest.mark.slow
 
 
-def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, monkeypatch):  # noqa: F811
+def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, mlflow_reads_from):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     from cluster.driver.launch import launch
@@ -69,7 +69,7 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, 
     assert {"MODEL_CARD.md", "config", "samples"} <= artifacts
     assert summary.sample_grid and os.path.isfile(summary.sample_grid)
 
-    check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypatch)
+    check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, mlflow_reads_from)
 
     # dip export: EMA state dict identical to ema.pt
     out = tmp_path / "model.pt"
@@ -88,7 +88,7 @@ def test_a_tiny_run_writes_everything_it_promises(tmp_path, ray_cluster, capfd, 
     assert plan.step == 8 and plan.mlflow_run_id == summary.mlflow_run_id
 
 
-def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypatch):
+def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, mlflow_reads_from):
     """What MLflow users expect of the run, read back through MLflow's client: live MFU figures, grids as
     step-keyed images, system metrics, and the final EMA model as a registered, loadable LoggedModel."""
     import mlflow
@@ -135,8 +135,7 @@ def check_mlflow_extras(cfg, summary, client, run, step_dir, tmp_path, monkeypat
     assert version.source == f"models:/{model.model_id}" and version.run_id == run_id
 
     # loadable with mlflow.pytorch.load_model, and it samples the very images `dip sample` draws from ema.pt
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    mlflow_reads_from(uri)
     loaded = mlflow.pytorch.load_model("models:/dip-e2e/1")
     ours = sample_pixels(loaded, [0, 1, 2, 3], 16, seed=3, steps=2).numpy()
     out = tmp_path / "dip-sample.png"

@@ -92,13 +92,18 @@ def _small_read(obj, reader: RangedReader):
     return obj
 
 
-def open_lazily(reader: RangedReader):
+def open_lazily(reader: RangedReader, lazy_keys: tuple[str, ...] = ()):
     """A torch.save file's object with small tensors read and large ones as meta tensors: only the
-    zip's directory, its pickle and those small tensors are read now."""
+    zip's directory, its pickle and those small tensors are read now. The top-level `lazy_keys` stay
+    meta whatever their tensors' sizes (a model's many small weights, spread over the whole file, would
+    otherwise pull in most of its chunks when a loader may need none of them)."""
     from trainer.checkpoint.deepspeed_io import deepspeed_safe_globals
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         obj = torch.load(reader, map_location="meta", weights_only=True)
+    if isinstance(obj, dict) and lazy_keys:
+        kept = {key: obj.pop(key) for key in lazy_keys if key in obj}
+        return {**_small_read(obj, reader), **kept}
     return _small_read(obj, reader)
 
 

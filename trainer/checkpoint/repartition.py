@@ -61,7 +61,7 @@ class ZeroCheckpoint:
         if not model_files:
             raise FileNotFoundError(f"{self.step_dir}: no DeepSpeed model states file")
         self._model_reader = self.files.open(model_files[0])
-        self.model_state = open_lazily(self._model_reader)
+        self.model_state = open_lazily(self._model_reader, lazy_keys=("module",))  # read by range if needed
         self.param_shapes: list[dict[str, torch.Size]] = self.model_state["param_shapes"]
         readers = [self.files.open(f) for f in optim_files]
         self.shards = [open_lazily(reader)["optimizer_state_dict"] for reader in readers]
@@ -304,6 +304,7 @@ def _moment_states(optimizer, flat: torch.Tensor, step: int) -> dict:
 def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.single_partition_of_fp32_groups]
+    named = sorted(named, key=lambda item: (ckpt._places[item[0]].group, ckpt._places[item[0]].offset))
     for name, param in named:
         # every rank holds the whole low-precision model. Under bf16/fp16 the saved module's weights are
         # those (the fp32 master cast), half the bytes of the master, and the rank reads its share of the
@@ -324,17 +325,22 @@ def _into_zero12(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
 
 
 def _into_zero3(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
+    named = sorted(named, key=lambda item: ckpt._places[item[0]].offset)
     states = [_moment_states(zero_optimizer.optimizer, flat, ckpt.optimizer_step)
               for flat in zero_optimizer.fp32_partitioned_groups_flat]
-    for name, param in named:
-        rank = zero_optimizer._get_param_partition_rank(param)
-        group, offset, count = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
-        start = param.ds_tensor.ds_numel * rank  # this rank's piece of the flattened parameter
-        fp32_piece = _padded_read(ckpt, name, FP32, start, count)
-        param.ds_tensor.data.copy_(fp32_piece.to(param.ds_tensor.dtype).view_as(param.ds_tensor))
-        zero_optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, count).copy_(fp32_piece)
-        for key in MOMENTS:
-            states[group][key].narrow(0, offset, count).copy_(_padded_read(ckpt, name, key, start, count))
+    # one kind at a time, parameters in their saved order: each saved flat is then read front to back,
+    # and a chunk the ranged reader fetched for one piece is still cached for the next
+    for kind in (FP32, *MOMENTS):
+        for name, param in named:
+            rank = zero_optimizer._get_param_partition_rank(param)
+            group, offset, count = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
+            start = param.ds_tensor.ds_numel * rank  # this rank's piece of the flattened parameter
+            piece = _padded_read(ckpt, name, kind, start, count)
+            if kind == FP32:
+                param.ds_tensor.data.copy_(piece.to(param.ds_tensor.dtype).view_as(param.ds_tensor))
+                zero_optimizer.fp32_partitioned_groups_flat[group].narrow(0, offset, count).copy_(piece)
+            else:
+                states[group][kind].narrow(0, offset, count).copy_(piece)
 
 
 def _padded_read(ckpt: ZeroCheckpoint, name: str, kind: str, start: int, count: int) -> torch.Tensor:

@@ -125,10 +125,15 @@ class RunReporter:
         if bar is not None:
             bar.set_description(f"loss {loss_text} | {figures['images_per_s']:.1f} img/s")
 
+    def checkpoint_starts(self) -> None:
+        """The metrics so far reach the tracking store before the checkpoint is committed: whatever a
+        restart resumes from, MLflow already holds (the goodput ledger reads its last report there)."""
+        if self.tracker is not None:
+            self.tracker.flush(self.cfg.tracking.flush_timeout_s)
+
     def checkpoint_saved(self, blocked_s: float) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics({"checkpoint_blocking_s": blocked_s}, self.progress.step)
-            self.tracker.flush(self.cfg.tracking.flush_timeout_s)
 
     def grid_saved(self, path: str) -> None:
         if self.tracker is not None:

@@ -137,6 +137,7 @@ class TrainingRun:
     def save_checkpoint(self) -> float:
         self.save_due = False
         self.progress.goodput = self.goodput.state_dict(self.progress.step)  # saved with the checkpoint
+        self.reporter.checkpoint_starts()
         blocked = self.checkpoints.save()
         self.goodput.add("checkpoint", blocked)
         self.reporter.checkpoint_saved(blocked)

@@ -29,12 +29,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+import models
+
 from trainer.checkpoint.pins import supported
 from trainer.checkpoint.store import EMA_FILE, CheckpointStore
 
 log = logging.getLogger("dip.tracking")
 
-MODELS_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+MODELS_PACKAGE = os.path.dirname(os.path.abspath(models.__file__))  # copied whole beside a logged model
 COPIED, REFERENCED = "copy", "reference"
 
 

@@ -1,9 +1,10 @@
 """The checkpoint before an elastic grow never blocks Ray Train's controller (cluster/driver/elastic.py).
 
-A real local Ray cluster (2 CPUs) and Ray Train's real controller with this project's grow policy, a
-commit timeout of 1800 s: an elastic [1, 2] group starts with 1 worker (a placeholder actor holds the
-other CPU); the placeholder goes, Ray sees capacity for 2, and the policy asks the workers for a
-checkpoint. The worker sees the request and never answers; the test SIGKILLs it. The controller must
+A real Ray cluster of `ray start` nodes (tests/test_multinode_support.py: a head without CPUs and one
+1-CPU worker node, then a second) and Ray Train's real controller, driven from this process, with this
+project's grow policy and a commit timeout of 1800 s: an elastic [1, 2] group starts with 1 worker; the
+second node joins, Ray sees capacity for 2 (its elastic policy counts the nodes' resources, so a
+single-node cluster cannot grow), and the policy asks the workers for a checkpoint. The worker sees the request and never answers; the test SIGKILLs it. The controller must
 notice the dead worker at once and handle it as any failure (FailureConfig: one restart, now with 2
 workers, which see no request and finish), not after the 1800 s the policy would wait for an answer.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
+
+from tests.test_multinode_support import REPO, LocalCluster
 
 pytestmark = pytest.mark.slow
 COMMIT_TIMEOUT_S = 1800
@@ -70,62 +74,64 @@ def _wait_for(condition, timeout_s: float, what: str):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def test_a_worker_killed_while_the_grow_waits_for_its_checkpoint_is_handled_as_any_failure(tmp_path):
+def drive(notes: str, checkpoints: str, storage: str) -> None:
+    """The cluster's driver (its own process: Ray reads the auth token from the environment at import):
+    an elastic [1, 2] TorchTrainer with the grow policy; writes what fit() returned to notes/outcome.json."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.driver.elastic import checkpoint_before_grow_policy, trainer_with_policy
+
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    trainer_cls = trainer_with_policy(TorchTrainer, lambda scaling: checkpoint_before_grow_policy(
+        scaling, checkpoints, timeout_s=COMMIT_TIMEOUT_S))
+    trainer = trainer_cls(
+        grow_probe, train_loop_config={"checkpoints": checkpoints, "notes": notes},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1},
+                                     elastic_resize_monitor_interval_s=1),
+        run_config=RunConfig(name="grow-wait", storage_path=storage, failure_config=FailureConfig(max_failures=1)))
+    try:
+        result = trainer.fit()
+        outcome = {"error": None if result.error is None else repr(result.error)}
+    except Exception as error:  # reported to the test, which fails on it
+        outcome = {"error": repr(error)}
+    _write(os.path.join(notes, "outcome.json"), {**outcome, "ended": time.time()})
+    ray.shutdown()
+
+
+def test_a_worker_killed_while_the_grow_waits_for_its_checkpoint_is_handled_as_any_failure(tmp_path):
     from trainer.checkpoint.store import CheckpointStore
 
     notes, checkpoints = tmp_path / "notes", str(tmp_path / "checkpoints")
     notes.mkdir()
     store = CheckpointStore(checkpoints)
-    assert not ray.is_initialized()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1",
-             log_to_driver=True)
+    cluster = LocalCluster(root=str(tmp_path / "cluster"))
+    driver = None
     try:
-        @ray.remote(num_cpus=1)
-        class Placeholder:
-            def ready(self) -> bool:
-                return True
-
-        placeholder = Placeholder.remote()
-        ray.get(placeholder.ready.remote())
-        trainer_cls = trainer_with_policy(TorchTrainer, lambda scaling: checkpoint_before_grow_policy(
-            scaling, checkpoints, timeout_s=COMMIT_TIMEOUT_S))
-        trainer = trainer_cls(
-            grow_probe, train_loop_config={"checkpoints": checkpoints, "notes": str(notes)},
-            torch_config=TorchConfig(backend="gloo"),
-            scaling_config=ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1},
-                                         elastic_resize_monitor_interval_s=1),
-            run_config=RunConfig(name="grow-wait", storage_path=str(tmp_path / "ray"),
-                                 failure_config=FailureConfig(max_failures=1)))
-        outcome: dict = {}
-
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except Exception as error:  # re-raised below, in the test's thread
-                outcome["error"] = error
-
-        fitting = threading.Thread(target=fit, daemon=True)
-        fitting.start()
+        cluster.start_head()
+        cluster.add_worker("w1")
+        cluster.wait_for_workers(1)
+        env = dict(os.environ, **cluster.client_env, RAY_ADDRESS=cluster.gcs_address, PYTHONPATH=REPO)
+        log = open(tmp_path / "driver.log", "w")
+        driver = subprocess.Popen([sys.executable, __file__, str(notes), checkpoints, str(tmp_path / "ray")],
+                                  env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         _wait_for(lambda: _attempts(str(notes)), 240, "the 1-worker group")
-        ray.kill(placeholder)  # capacity for a second worker: Ray's elastic monitor decides to grow
+        cluster.add_worker("w2")  # capacity for a second worker: Ray's elastic monitor decides to grow
         seen = _wait_for(lambda: (notes / "request-seen.json").exists() and json.loads(
             (notes / "request-seen.json").read_text()), 120, "the pre-grow checkpoint request")
         time.sleep(2)  # the controller has been waiting for the answer a while
         os.kill(seen["pid"], signal.SIGKILL)
         killed_at = time.time()
-        fitting.join(timeout=NOTICED_WITHIN_S + 60)
-        assert not fitting.is_alive(), "the controller did not handle the killed worker"
-        if "error" in outcome:
-            raise outcome["error"]
-        assert outcome["result"].error is None
+        assert driver.wait(timeout=NOTICED_WITHIN_S + 60) == 0, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
-        ray.shutdown()
+        if driver is not None and driver.poll() is None:
+            driver.kill()
+        cluster.teardown()
 
+    outcome = json.loads((notes / "outcome.json").read_text())
+    assert outcome["error"] is None, outcome
     attempts = _attempts(str(notes))
     assert [a["world"] for a in attempts] == [1, 2, 2], attempts  # restarted once (FailureConfig), grown to 2
     restarted = attempts[1]["started"] - killed_at
@@ -135,3 +141,7 @@ def test_a_worker_killed_while_the_grow_waits_for_its_checkpoint_is_handled_as_a
     assert store.resize_request() is None and not (tmp_path / "checkpoints" / "RESIZE_REQUESTED").exists()
     print(f"\nworker SIGKILLed {killed_at - seen['at']:.1f} s into the wait for the pre-grow checkpoint "
           f"(commit timeout {COMMIT_TIMEOUT_S} s): restarted group's first worker {restarted:.1f} s later")
+
+
+if __name__ == "__main__":  # the driver process of the test above (PYTHONPATH: the repository)
+    drive(*sys.argv[1:4])
