@@ -30,12 +30,11 @@ quickstart: install
 	$(BIN)/dip train configs/quickstart_cpu.yaml
 	$(BIN)/python benchmarks/grid_classes.py runs/quickstart/samples/final.png
 
-# two xdist workers, a file each at a time (module fixtures such as a Ray or multi-node cluster stay
-# whole); the longest files first (tests/conftest.py). Much of the suite waits on processes, not cores.
 # two xdist workers, a file at a time (--dist loadfile), longest files first; tests/conftest.py makes the
-# multi-node files (tests/test_multinode_*.py) one work unit, so two multi-node Ray clusters never run at once
+# multi-node files (tests/test_multinode_*.py) one work unit, so two multi-node Ray clusters never run at once;
+# the 25 slowest tests are listed at the end (where the suite's minutes go)
 test: install
-	$(BIN)/python -m pytest -q -ra --timeout=900 -n 2 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -ra --durations=25 --timeout=900 -n 2 --dist loadfile --no-loadscope-reorder tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
