@@ -128,13 +128,25 @@ def _explain(error: dict, root: type[BaseModel], prefix: str) -> str:
     if kind in _WHOLE_SEQUENCE_ERRORS and loc and isinstance(loc[-1], int):
         loc = loc[:-1]  # a list of the wrong length: name the list, not its missing item
     key, annotation, metadata = _walk(root, loc, prefix)
+    note = _description(root, loc)
     if kind in _MAPPING_ERRORS:
         return f"{key} must be a mapping of keys to values, got {given!r}"
     if kind == "invalid":
         return f"{key}={ctx['value']!r} is not valid{ctx['hint']}: {ctx['allowed']}"
     if _base_type(annotation) is float and isinstance(given, int) and not isinstance(given, bool):
         given = float(given)  # shown as the number the field holds (0 -> 0.0)
-    return f"{key}={given!r} is not valid: expected {describe(annotation, metadata)}"
+    return f"{key}={given!r} is not valid: expected {describe(annotation, metadata)}{note}"
+
+
+def _description(root: type[BaseModel], loc: tuple) -> str:
+    """ " (what the value means)" of the field at `loc` when it declares a description, else ""."""
+    model, field = root, None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields):
+            return ""
+        field = model.model_fields[part]
+        model = _unwrap(field.annotation)[0]
+    return f" ({field.description})" if field is not None and field.description else ""
 
 
 def _walk(root: type[BaseModel], loc: tuple, prefix: str) -> tuple[str, Any, tuple]:

@@ -87,6 +87,8 @@ def test_unknown_section_is_named_with_the_valid_sections():
      "tracking.model_weights='link' is not valid: expected one of ['auto', 'copy', 'reference']"),
     ({"tracking": {"model_copy_max_mb": -1}}, "tracking.model_copy_max_mb=-1.0 is not valid"),
     ({"tracking": {"register_model": "team/dip"}}, "tracking.register_model='team/dip' is not valid"),
+    ({"cluster": {"max_failures": -2}},  # what the special value means, with the range
+     "cluster.max_failures=-2 is not valid: expected an integer >= -1 (-1 = retry forever)"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, fragment):
     with pytest.raises(ValueError) as err:

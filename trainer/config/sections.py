@@ -235,7 +235,8 @@ class ClusterSection(ConfigModel):
     # a locally started cluster serves Ray's dashboard on 127.0.0.1 (and with it the state API, which
     # Ray Train's placement-group cleaner polls every second, warning each time it is missing)
     dashboard: Flag = True
-    max_failures: IntAtLeast(-1) = 3       # worker-group restarts (each resumes from the last checkpoint); -1 = forever
+    # worker-group restarts (each resumes from the last checkpoint)
+    max_failures: IntAtLeast(-1) = Field(3, description="-1 = retry forever")
     # elastic runs: how often Ray checks whether lost capacity came back (a grow writes a checkpoint first)
     resize_check_s: Positive = 60.0
 
