@@ -116,6 +116,7 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_without_bloc
     decision = iteration()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
     assert not store.resize_requested()  # withdrawn: the restarted group must not see it
+    assert store.resize_outcome(request["id"]) == "grow"  # the workers wait for Ray's restart
 
     # a worker dies while the policy waits: Ray's failure handling moves the controller on, the request goes
     assert isinstance(iteration(), NoopDecision)
@@ -130,9 +131,11 @@ def test_a_grow_of_a_running_group_waits_for_the_workers_checkpoint_without_bloc
     # the capacity went away while the workers checkpointed: Ray decides again, no grow
     assert isinstance(iteration(), NoopDecision)
     store.commit(8, {}, {})
-    store.answer_resize(store.resize_request()["id"], 8)
+    request = store.resize_request()
+    store.answer_resize(request["id"], 8)
     capacity[0] = 1
     assert isinstance(iteration(), NoopDecision) and not store.resize_requested()
+    assert store.resize_outcome(request["id"]) == "no-grow"  # the workers train on at once, no grace wait
 
     # no answer in time: the request is withdrawn and Ray grows from the last checkpoint
     capacity[0] = 2

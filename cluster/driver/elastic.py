@@ -78,7 +78,9 @@ def checkpoint_before_grow_policy(scaling_config, checkpoint_uri: str, timeout_s
             if self.pending is not None:
                 if not self._grow_may_go():
                     return NoopDecision()
-                return self._decide_now(worker_group_state, worker_group_status)
+                decision = self._decide_now(worker_group_state, worker_group_status)
+                self.withdraw("grow" if isinstance(decision, ResizeDecision) else "no-grow")
+                return decision
             decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
             if isinstance(decision, ResizeDecision) and decision.num_workers > worker_group_state.num_workers:
                 self.ask(decision.num_workers)
@@ -134,12 +136,12 @@ def checkpoint_before_grow_policy(scaling_config, checkpoint_uri: str, timeout_s
                 return False
             else:
                 log.warning("elastic: no checkpoint within %.0f s: resizing from the last one", self.timeout_s)
-            self.withdraw()
             return True
 
-        def withdraw(self) -> None:
+        def withdraw(self, outcome: str | None = None) -> None:
+            """Delete the request; `outcome` tells the waiting workers whether Ray's restart is coming."""
             if self.pending is not None:
-                self.store.withdraw_resize_request(self.pending.request_id)
+                self.store.withdraw_resize_request(self.pending.request_id, outcome)
                 self.pending = None
 
     return CheckpointBeforeGrow()

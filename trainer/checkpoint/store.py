@@ -44,6 +44,10 @@ def _resize_answer(request_id: str) -> str:
     return f"{RESIZE_ANSWER_PREFIX}{request_id}"
 
 
+def _resize_outcome(request_id: str) -> str:
+    return f"{RESIZE_ANSWER_PREFIX}{request_id}.outcome"  # cleared with the answers at a run's start
+
+
 def new_hasher():
     return xxhash.xxh3_64()
 
@@ -402,13 +406,22 @@ class CheckpointStore:
         note = self.read_json(_resize_answer(request_id)) or {}
         return note.get("checkpoint_step") if note.get("id") == request_id else None
 
-    def withdraw_resize_request(self, request_id: str) -> None:
+    def withdraw_resize_request(self, request_id: str, outcome: str | None = None) -> None:
         """The driver side is done with its request (answered, timed out, or the group failed): delete it
-        (only if it is still this one) and its answer."""
+        (only if it is still this one) and its answer. `outcome` ("grow": Ray restarts the group bigger;
+        "no-grow": the capacity went away meanwhile) is written first, for the workers that wait on it."""
+        if outcome is not None:
+            self.write_json(_resize_outcome(request_id), {"id": request_id, "outcome": outcome})
         pending = self.read_json(RESIZE_REQUEST) or {}
         if pending.get("id") == request_id:
             self._delete_note(RESIZE_REQUEST)
         self._delete_note(_resize_answer(request_id))
+
+    def resize_outcome(self, request_id: str) -> str | None:
+        """What the driver side decided on request `request_id` once it withdrew it ("grow", "no-grow"), or
+        None (not decided, or it gave up without deciding)."""
+        note = self.read_json(_resize_outcome(request_id)) or {}
+        return note.get("outcome") if note.get("id") == request_id else None
 
     def clear_resize_request(self) -> None:
         """At a run's start: any request or answer left by an earlier attempt."""

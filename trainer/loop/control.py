@@ -98,6 +98,9 @@ class StopControl:
         deadline = time.monotonic() + RESIZE_WAIT_S
         while time.monotonic() < deadline and self.store.resize_requested():
             time.sleep(0.5)
-        time.sleep(RESIZE_GRACE_S)  # the request is gone: Ray's restart of the group is on its way
+        no_grow = self.store.resize_outcome(self.resize_request_id) == "no-grow"
+        if not no_grow:  # the request is gone: Ray's restart of the group is on its way
+            time.sleep(RESIZE_GRACE_S)
         dist.barrier()
-        log.warning("no restart came after the resize checkpoint at step %d: training on", self.progress.step)
+        log.warning("%s after the resize checkpoint at step %d: training on", "the capacity went away" if no_grow
+                    else "no restart came", self.progress.step)
