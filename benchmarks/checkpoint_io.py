@@ -14,54 +14,13 @@ Before/after: run it once with this tree's code and once with another's on PYTHO
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
+import sys
 import tempfile
-import threading
 import time
 
-
-
-class GetBytes:
-    """WSGI middleware: response body bytes of GET requests, per request path."""
-
-    def __init__(self, app):
-        self.app, self.lock, self.sent = app, threading.Lock(), collections.Counter()
-
-    def __call__(self, environ, start_response):
-        body = self.app(environ, start_response)
-        return self._counted(environ["PATH_INFO"], body) if environ["REQUEST_METHOD"] == "GET" else body
-
-    def _counted(self, path, body):
-        try:
-            for chunk in body:
-                with self.lock:
-                    self.sent[path] += len(chunk)
-                yield chunk
-        finally:
-            if hasattr(body, "close"):
-                body.close()
-
-    def take(self) -> collections.Counter:
-        with self.lock:
-            sent, self.sent = self.sent, collections.Counter()
-        return sent
-
-
-def start_server(port: int) -> GetBytes:
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    counter = GetBytes(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", port, counter, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    import boto3
-
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="bench")
-    return counter
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ and the packages
 
 
 def rank_main(rank: int, world: int, cfg_dict: dict, uri: str, run_dir: str, save: bool) -> dict:
@@ -102,6 +61,7 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from data import prepare_dataset
     from tests.data_helpers import free_port, run_ranks
+    from tests.s3_counting import CountingS3
     from trainer.config import config_from_dict
 
     worlds = [int(w) for w in args.worlds.split(",")]
@@ -115,7 +75,7 @@ def main() -> None:
            "checkpoint": {"every_steps": 100, "keep": 2, "async_save": False},
            "tracking": {"log_model": False}, "cluster": {"num_workers": worlds[0]}}
     cfg["data"]["path"] = prepare_dataset(config_from_dict(cfg).data, os.path.join(work, "data")).path
-    counter = start_server(free_port())
+    counter = CountingS3(free_port(), "bench").start()
     uri = "s3://bench/run"
     saved = run_ranks(rank_main, worlds[0], cfg, uri, os.path.join(work, "save"), True, timeout_s=1200)
     from trainer.checkpoint.store import CheckpointStore

@@ -8,72 +8,21 @@ read from step-1/ are held to the bounds docs/training.md states ("Resume I/O").
 """
 from __future__ import annotations
 
-import collections
-import os
-import threading
-
 import pytest
 
 from tests.data_helpers import free_port, run_ranks
+from tests.s3_counting import CountingS3
 from tests.test_trainer_support import TINY
 
 pytestmark = pytest.mark.slow
 RANKS_TIMEOUT_S = 900  # 3 DeepSpeed ranks on a loaded 2-core machine take minutes to start
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-
-
-class GetBytes:
-    """WSGI middleware: response body bytes of GET requests, per request path."""
-
-    def __init__(self, app):
-        self.app, self.lock, self.sent = app, threading.Lock(), collections.Counter()
-
-    def __call__(self, environ, start_response):
-        body = self.app(environ, start_response)
-        if environ["REQUEST_METHOD"] != "GET":
-            return body
-        return self._counted(environ["PATH_INFO"], body)
-
-    def _counted(self, path, body):
-        try:
-            for chunk in body:
-                with self.lock:
-                    self.sent[path] += len(chunk)
-                yield chunk
-        finally:
-            if hasattr(body, "close"):
-                body.close()
-
-    def take(self) -> collections.Counter:
-        with self.lock:
-            sent, self.sent = self.sent, collections.Counter()
-        return sent
 
 
 @pytest.fixture(scope="module")
 def counting_s3():
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
-
-    counter = GetBytes(DomainDispatcherApplication(create_backend_app))
-    port = free_port()
-    server = make_server("127.0.0.1", port, counter, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    saved = {k: os.environ.get(k) for k in S3_ENV}
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    import boto3
-
-    boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="dip-io")
-    yield counter
-    server.shutdown()
-    thread.join(timeout=30)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    server = CountingS3(free_port(), "dip-io")
+    yield server.start()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +51,7 @@ def save_or_resume(rank: int, world: int, cfg_dict: dict, store_uri: str, run_di
     return {"resumed_at": resumed_at}
 
 
-def _step_bytes(sent: collections.Counter, step: int) -> dict[str, int]:
+def _step_bytes(sent: dict, step: int) -> dict[str, int]:
     marker = f"/step-{step}/"
     return {path.split(marker, 1)[1]: count for path, count in sent.items() if marker in path}
 
