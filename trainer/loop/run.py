@@ -50,6 +50,9 @@ class WorkerContext:
     # the driver's stdout is a terminal: rank 0 draws a progress bar there. Otherwise (a log file, a
     # pipe, a Ray job) the bar's redraws would be noise: the status line per log interval is the output
     progress_bar: bool = False
+    # names one `dip train` invocation (the driver draws it): a Ray restart of the worker group keeps it, and
+    # with it the rollback budget used so far (trainer.loop.recovery); a re-run of the command gets a new one
+    launch_id: str = ""
 
 
 def configure_logging() -> None:
@@ -114,7 +117,8 @@ class TrainingRun:
                                     progress=self.progress, engine=self.engine, loader=self.loader)
         self.reporter.start(resumed)
         self.recovery = NonFiniteRecovery(cfg, checkpoints=self.checkpoints, store=self.store, loader=self.loader,
-                                          progress=self.progress, is_main=self.is_main, tracker=self.reporter.tracker)
+                                          progress=self.progress, is_main=self.is_main, tracker=self.reporter.tracker,
+                                          launch_id=self.ctx.launch_id)
         self.control = StopControl(self.store, self.checkpoints, self.progress, self.device, is_main=self.is_main,
                                    check_every=cfg.train.stop_check_every, max_steps=cfg.train.max_steps,
                                    in_ray=self.in_ray)
@@ -126,7 +130,7 @@ class TrainingRun:
     def train_step(self) -> StepOutcome:
         """One optimizer step over this rank's micro-batches: (mean loss, data-wait seconds, applied);
         applied is False, on every rank alike, when a loss or the gradient norm was not finite."""
-        return self.optimizer_step(self.progress.step, self.checkpoints.attempt)
+        return self.optimizer_step(self.progress.step, self.checkpoints.attempt, self.progress.data_step)
 
     def save_checkpoint(self) -> float:
         self.save_due = False
@@ -168,10 +172,15 @@ class TrainingRun:
                 self.recovery.step_applied()
                 loss_sum += loss
                 loss_count += 1
-            else:
-                self.recovery.step_skipped(loss)
+            elif self.recovery.step_skipped(loss):  # rolled back: progress.step is the checkpoint's again
                 if self.recovery.failure:
                     break
+                self.save_due = False  # a save put off during the streak was for a discarded step
+                meter.reset()  # the interval's steps were discarded; the next one starts after the checkpoint
+                loss_sum, loss_count = torch.zeros((), device=self.device), 0
+                if bar is not None:
+                    bar.n = progress.step
+                continue
             meter.add(data_wait)
             if bar is not None:
                 bar.update(1)
