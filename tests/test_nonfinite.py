@@ -3,9 +3,9 @@
 * At the loop's level (the real TrainingRun and DeepSpeed on gloo, no Ray): a step whose batch is NaN
   on rank 1 only is skipped on both ranks, and changes nothing, on either: module weights, the fp32
   master weights, Adam's moments and step count, the LR, the EMA. The next clean step updates again.
-* A real run (Ray, MLflow): two poisoned steps in a row roll back to the last committed checkpoint
-  and skip the data since it; poisoned again after a second window, the run stops FAILED with a clear
-  error and its last committed checkpoint intact.
+* A real run (Ray, MLflow): two poisoned steps in a row roll back to the last committed checkpoint,
+  rewind the step count and skip the data since it; poisoned again after a second window, the run stops
+  FAILED with a clear error and its last committed checkpoint intact.
 """
 from __future__ import annotations
 
@@ -105,9 +105,10 @@ def test_a_step_poisoned_on_one_rank_is_skipped_on_both_and_changes_nothing(shar
 
 def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_the_run(tmp_path, monkeypatch,
                                                                                      ray_cluster):  # noqa: F811
-    """K=2, one rollback allowed, checkpoints every 4 steps; rank 1's batches are NaN at steps 6-7, then
-    from step 10 on. Steps 6, 7 are skipped -> rollback 1 to step-4, the data of steps 5-7 skipped; step 8
-    is committed; steps 10, 11 are skipped -> a second rollback is one too many: FAILED, step-8 kept."""
+    """K=2, one rollback allowed, checkpoints every 4 steps; rank 1's global batches 5-6 of the data stream
+    are NaN, then from batch 11 on. Steps 5, 6 are skipped -> rollback 1 to step-4, the step count rewound
+    with it and the data of batches 5-6 skipped: steps 5-8 train batches 7-10 and step-8 is committed; steps
+    9, 10 (batches 11, 12) are skipped -> a second rollback is one too many: FAILED, step-8 kept."""
     from mlflow.tracking import MlflowClient
 
     from cluster.cli.main import TrainingFailed
@@ -119,7 +120,7 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
 
     ledger = tmp_path / "ledger"
     ledger.mkdir()
-    monkeypatch.setenv("DIP_FAULT_NAN_AT", "6-7,10-16:1")
+    monkeypatch.setenv("DIP_FAULT_NAN_AT", "5-6,11-16:1")
     monkeypatch.setenv("DIP_FAULT_SAMPLE_LEDGER", str(ledger))
     cfg = tiny_config(tmp_path, "diverges", ["train.max_steps=16", "train.nonfinite_patience=2",
                                              "train.max_rollbacks=1"])
@@ -127,31 +128,42 @@ def test_poisoned_steps_roll_back_skip_their_data_and_repeated_rollbacks_fail_th
         launch(cfg)
     store = CheckpointStore(run_paths(cfg).checkpoint_uri)
     assert str(failed.value) == (
-        "training diverged: 2 non-finite steps in a row (steps 10..11) after 1 rollback(s) (train.max_rollbacks=1); "
+        "training diverged: 2 non-finite steps in a row (steps 9..10) after 1 rollback(s) (train.max_rollbacks=1); "
         f"the last good checkpoint is {store.display(8)}; re-running the same command resumes from it. Lower "
         "optim.lr, set optim.grad_clip, or look at the data of those steps")
     assert store.steps() == [4, 8] and store.latest_committed(deep=True) == 8  # nothing written after the streak
     state = load_train_state(store, 8)
-    assert (state["nonfinite_steps"], state["rollbacks"], state["samples_seen"]) == (2, 1, 8 * 4)
+    # step-8 holds 8 kept steps (their samples), the run totals, and the 2 discarded steps of the data stream
+    assert (state["step"], state["samples_seen"], state["discarded_steps"]) == (8, 8 * 4, 2)
+    assert (state["nonfinite_steps"], state["rollbacks"], state["launch_rollbacks"]) == (2, 1, 1)
 
-    # every optimizer step ran once on each rank, and no sample was trained twice: the rollback to step 4
-    # did not replay the data of steps 5-7 (the ledger's step is the one before the optimizer step)
+    # steps 5 and 6 ran twice (rewound), every batch of the data stream once on each rank, and no sample
+    # was trained twice: the rollback to step 4 did not replay batches 5-6 (the ledger's step and data_step
+    # are the ones before the optimizer step)
     entries = read_ledger(str(ledger))
     for rank in (0, 1):
-        assert sorted(e["step"] + 1 for e in entries if e["rank"] == rank) == list(range(1, 12))
+        mine = [e for e in entries if e["rank"] == rank]
+        assert sorted(e["step"] + 1 for e in mine) == sorted([*range(1, 7), *range(5, 11)])
+        assert sorted(e["data_step"] + 1 for e in mine) == list(range(1, 13))
     keys = [key for e in entries for key in e["keys"]]
-    assert len(keys) == 11 * 4 and len(set(keys)) == len(keys)
+    assert len(keys) == 12 * 4 and len(set(keys)) == len(keys)  # 48 images: one epoch, each once
 
     run_id = state["mlflow_run_id"]
     client = MlflowClient(run_paths(cfg).tracking_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FAILED"
-    assert metric_history(run_paths(cfg).tracking_uri, run_id, "nonfinite_steps") == {6: [1], 7: [2], 10: [3], 11: [4]}
-    assert metric_history(run_paths(cfg).tracking_uri, run_id, "rollbacks") == {7: [1]}
-    assert sorted(metric_history(run_paths(cfg).tracking_uri, run_id)) == [1, 2, 3, 4, 5, 8, 9]  # no NaN loss logged
-    assert run.data.tags["rollback.1"] == (f"step 7: 2 non-finite steps in a row (steps 6..7): rolled back to "
-                                           f"{store.display(4)} and skipped the data of steps 5..7 (12 samples)")
-    # goodput: steps 6, 7, 10, 11 skipped and step 5 discarded by the rollback are lost work; 1-4, 8, 9 count
-    goodput, _metrics, _tags = final_goodput(run_paths(cfg).tracking_uri, run_id)
-    assert (goodput["productive_steps"], goodput["lost_steps"], goodput["failures"]) == (6, 5, 0)
+    tracking = run_paths(cfg).tracking_uri
+    assert metric_history(tracking, run_id, "nonfinite_steps") == {5: [1], 6: [2], 9: [3], 10: [4]}
+    assert metric_history(tracking, run_id, "rollbacks") == {6: [1]}
+    assert sorted(metric_history(tracking, run_id)) == [1, 2, 3, 4, 5, 6, 7, 8]  # no NaN loss logged
+    # samples_seen counts kept steps: step 5 logged twice with the same count (step 6's first interval ended
+    # in the rollback, step 10's in the failure: neither logged)
+    seen = {step: sorted(values) for step, values in metric_history(tracking, run_id, "samples_seen").items()}
+    assert seen == {s: [4.0 * s] * (2 if s == 5 else 1) for s in range(1, 10)}
+    assert run.data.tags["rollback.1"] == (f"step 6: 2 non-finite steps in a row (steps 5..6): rolled back to "
+                                           f"{store.display(4)} and skipped the data of steps 5..6 (8 samples)")
+    # goodput: steps 5, 6, 9, 10 skipped are lost work (nothing applied lay between step-4 and the streak, so
+    # the rollback discarded no trained step); the kept steps 1-8 count
+    goodput, _metrics, _tags = final_goodput(tracking, run_id)
+    assert (goodput["productive_steps"], goodput["lost_steps"], goodput["failures"]) == (8, 4, 0)
     assert goodput["badput_s"]["lost_work"] > 0.0 and goodput["badput_s"]["recovery"] > 0.0  # the restore

@@ -14,10 +14,14 @@ no cleanup, no flush, exactly what a lost node or an OOM kill does.
                                  stays shrunk long enough for a returning node to be seen)
   DIP_FAULT_STEP_SLEEP_FRESH_S=X a group that started from step 0 sleeps X s after every step; one that
                                  resumed runs at full speed (a run slowed only until its fault)
-  DIP_FAULT_NAN_AT=STEPS:RANKS   a poisoned batch: the pixels of optimizer steps STEPS (e.g. 6,10-12) on ranks
-                                 RANKS (e.g. 1, 0,1 or *) are NaN, every time those steps run (not once)
-  DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "rank", "world_size", "attempt", "keys", "time"} of
-                                 each micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each step)
+  DIP_FAULT_NAN_AT=STEPS:RANKS   a poisoned batch: the pixels of the global batches STEPS (e.g. 6,10-12) of the
+                                 data stream on ranks RANKS (e.g. 1, 0,1 or *) are NaN, every time those batches
+                                 are read (not once). Batch S is step S's until a rollback: the rewound steps
+                                 after it read the next batches (TrainProgress.data_step)
+  DIP_FAULT_SAMPLE_LEDGER=DIR    every rank appends {"step", "data_step", "rank", "world_size", "attempt", "keys",
+                                 "time"} of each micro-batch to DIR/ledger-<pid>.jsonl (which samples made up each
+                                 step; "step" is the step before the optimizer step, rewound by a rollback,
+                                 "data_step" the global batches the stream dealt before it, never rewound)
   DIP_FAULT_EVAL_SLEEP_S=X       an eval actor sleeps X s before each chunk (an eval slower than any wait)
 """
 from __future__ import annotations
@@ -110,12 +114,13 @@ def poison_pixels(step: int, rank: int, pixels):
     return pixels
 
 
-def record_samples(step: int, rank: int, world_size: int, attempt: str, keys: list[str]) -> None:
+def record_samples(step: int, rank: int, world_size: int, attempt: str, keys: list[str],
+                   data_step: int | None = None) -> None:
     directory = os.environ.get("DIP_FAULT_SAMPLE_LEDGER")
     if not directory:
         return
-    line = json.dumps({"step": step, "rank": rank, "world_size": world_size, "attempt": attempt, "keys": list(keys),
-                       "time": time.time()})
+    line = json.dumps({"step": step, "data_step": step if data_step is None else data_step, "rank": rank,
+                       "world_size": world_size, "attempt": attempt, "keys": list(keys), "time": time.time()})
     with open(os.path.join(directory, f"ledger-{os.getpid()}.jsonl"), "a") as f:
         f.write(line + "\n")
 

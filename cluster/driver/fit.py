@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import uuid
 
 from cluster.driver.prepare import REPO_ROOT, PreparedRun
 from cluster.driver.ray_start import worker_env
@@ -55,7 +56,8 @@ def build_trainer(run: PreparedRun, run_id: str):
         train_loop_config={"config": to_dict(run.worker_cfg),
                            "context": {"checkpoint_uri": paths.checkpoint_uri, "run_dir": paths.run_dir,
                                        "tracking_uri": paths.tracking_uri, "mlflow_run_id": run_id,
-                                       "config_hash": config_hash(cfg), "progress_bar": sys.stdout.isatty()}},
+                                       "config_hash": config_hash(cfg), "progress_bar": sys.stdout.isatty(),
+                                       "launch_id": uuid.uuid4().hex}},  # one per `dip train` (the rollback budget)
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(name=cfg.run_name, storage_path=paths.ray_storage,

@@ -88,28 +88,53 @@ def ema_file_payload(model_config, ema_state_dict: dict) -> dict:
 
 @dataclass
 class TrainProgress:
-    """The loop's own counters: a component with its state like the others."""
-    step: int = 0
-    samples_seen: int = 0
+    """The loop's own counters: a component with its state like the others. Run totals, exact across
+    restarts because every one is restored from the checkpoint a (re)start resumes from and changed only
+    by what happens after it: a restart that repeats a restore repeats the same count, never adds to it."""
+    step: int = 0             # optimizer steps kept: a rollback rewinds it with the LR schedule (warmup,
+                              # train.max_steps and checkpoint numbering count kept steps only)
+    samples_seen: int = 0     # samples of the kept steps (step x global batch); rewound with the step
     last_loss: float | None = None
-    resizes: int = 0          # world-size changes so far (each one is logged, numbered, in MLflow)
+    resizes: int = 0          # world-size changes so far (each one is logged, numbered, in MLflow): the
+                              # checkpoint's count + 1 when it was written at another world size
     nonfinite_steps: int = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (trainer.loop.nonfinite)
     rollbacks: int = 0        # returns to the last committed checkpoint after too many of them in a row
     goodput: dict | None = None  # trainer.tracking.goodput's ledger state as of the save (rank 0's counts)
+    discarded_steps: int = 0  # steps a rollback discarded: their data is not trained again, so the data
+                              # stream is at step + discarded_steps global batches (faults key poison to it)
+    launch: str = ""          # the `dip train` invocation (WorkerContext.launch_id) whose rollback budget runs
+    launch_rollbacks: int = 0  # rollbacks since that invocation began: train.max_rollbacks bounds these
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "samples_seen": self.samples_seen, "last_loss": self.last_loss,
-                "resizes": self.resizes, "nonfinite_steps": self.nonfinite_steps, "rollbacks": self.rollbacks,
-                "goodput": self.goodput}
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.last_loss = state.get("last_loss")
-        self.resizes = int(state.get("resizes", 0))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.rollbacks = int(state.get("rollbacks", 0))
+        for name in ("resizes", "nonfinite_steps", "rollbacks", "discarded_steps", "launch_rollbacks"):
+            setattr(self, name, int(state.get(name, 0)))
+        self.launch = str(state.get("launch", ""))
         if "goodput" in state:  # a rollback's counters (no ledger) keep the restored checkpoint's
             self.goodput = state["goodput"]
+
+    @property
+    def data_step(self) -> int:
+        """Global batches the data stream has dealt: the kept steps and those rollbacks discarded."""
+        return self.step + self.discarded_steps
+
+    def begin_launch(self, launch_id: str) -> None:
+        """A (re)start of the worker group: the same `dip train` invocation (a Ray restart after a lost
+        worker) keeps its rollback budget's use; a new invocation (a re-run after the run failed) starts
+        a fresh budget. The run totals carry on either way."""
+        if launch_id != self.launch:
+            self.launch, self.launch_rollbacks = launch_id, 0
+
+
+def dealt_corrupt_samples(saved_ranks: list[dict], rank: int) -> int:
+    """Each saved rank's loader counted the corrupt samples it skipped; restored, rank 0 takes the sum and
+    the others start at 0, so that the sum over ranks (reporting's corrupt_samples) stays the run's total
+    on any world size (dealing rank 0's own count to every rank would multiply it by the world size)."""
+    return sum(int(r["data"].get("corrupt_samples", 0)) for r in saved_ranks) if rank == 0 else 0
 
 
 @dataclass
@@ -265,6 +290,8 @@ class CheckpointManager:
         ranks = state["ranks"]
         mine = ranks[self.rank] if same_world else ranks[0]
         self.loader.load_state_dict(mine["data"] if data_state is None else data_state)
+        if data_state is None:
+            self.loader.corrupt_samples = dealt_corrupt_samples(ranks, self.rank)
         if same_world:
             restore_rng(mine["rng"])
         # rank 0 read ema.pt; under ZeRO-3 each rank keeps its partition at this world size (collective)
@@ -272,8 +299,19 @@ class CheckpointManager:
             if self.rank == 0 else None
         self.ema.load_full_state_dict(ema_weights, state["ema_num_updates"])
         self.progress.load_state_dict(state)
+        if not same_world:  # a function of (checkpoint, world size): a repeated restore counts the same resize
+            self.progress.resizes += 1
         self.last_saved_step = self.progress.step
         return Resumed(step, self.store.display(step), saved_world, state.get("batch_split"), staged["resharded"])
+
+    def discard_after(self, step: int) -> None:
+        """After a rollback to step-N (the newest loadable): the step directories newer than it (committed
+        ones that failed their checksums, leftovers) hold discarded work; rank 0 removes them, so that
+        neither the re-numbered steps that follow nor a later resume ever meet them."""
+        if self.rank == 0:
+            self.store.discard_after(step)
+        if self.last_committed is not None and self.last_committed > step:
+            self.last_committed = step
 
     # ------------------------------------------------------------------------------------------
     #                                          save

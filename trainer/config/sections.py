@@ -102,7 +102,9 @@ class TrainSection(ConfigModel):
     # (no weight, optimizer, LR or EMA update; counted: MLflow `nonfinite_steps`). This many in a row
     # roll back to the last committed checkpoint and skip the data since it (trainer/loop/nonfinite.py)
     nonfinite_patience: IntAtLeast(1) = 3
-    max_rollbacks: IntAtLeast(0) = 2       # rollbacks per run; one more stops the run (FAILED, checkpoint kept)
+    # rollbacks per `dip train` invocation (a Ray restart of the workers keeps the count, a re-run of the command
+    # starts afresh); one more stops the run (FAILED, checkpoint kept)
+    max_rollbacks: IntAtLeast(0) = 2
     # start a new run from trained weights (trainer/checkpoint/init_from.py): a step-N/ dir, a checkpoints dir,
     # a `dip export` file or the authors' checkpoint; "" = from scratch. Ignored once the run has checkpoints
     init_from: Text = ""

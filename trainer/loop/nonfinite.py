@@ -15,8 +15,9 @@ NaN or Inf. It is skipped without touching DeepSpeed's gradient-accumulation boo
 * The loop updates the EMA only when `engine.skipped_steps` did not move (`StepGuard.applied`).
 
 `train.nonfinite_patience` (K) skipped steps in a row roll the run back to its last committed
-checkpoint and skip the data since it; after `train.max_rollbacks` rollbacks the next one stops the
-run (trainer.loop.recovery: the policy; this module: the mechanism of a skip).
+checkpoint (its step count and LR schedule) and skip the data since it; after `train.max_rollbacks`
+rollbacks in one `dip train` invocation the next one stops the run (trainer.loop.recovery: the policy;
+this module: the mechanism of a skip).
 """
 from __future__ import annotations
 

@@ -62,8 +62,8 @@ class RunReporter:
             return
         progress = self.progress
         log.info("resumed from %s (step %d, %d samples seen)", resumed.where, progress.step, progress.samples_seen)
-        if resumed.saved_world_size != self.world_size:
-            progress.resizes += 1
+        if resumed.saved_world_size != self.world_size:  # counted by the restore (CheckpointManager), once per
+            # checkpoint: a restart that repeats this resume re-logs resize.N under the same N
             reason = resize_reason(resumed.saved_world_size, self.world_size, self.cfg.cluster.elastic)
             was = resumed.saved_split or {"world_size": resumed.saved_world_size}
             event = (f"step {progress.step}: {resumed.saved_world_size} -> {self.world_size} workers ({reason}); "

@@ -52,6 +52,9 @@ class WorkerContext:
     # the driver's stdout is a terminal: rank 0 draws a progress bar there. Otherwise (a log file, a
     # pipe, a Ray job) the bar's redraws would be noise: the status line per log interval is the output
     progress_bar: bool = False
+    # names one `dip train` invocation (the driver draws it): a Ray restart of the worker group keeps it, and
+    # with it the rollback budget used so far (trainer.loop.recovery); a re-run of the command gets a new one
+    launch_id: str = ""
 
 
 def configure_logging() -> None:
@@ -120,7 +123,8 @@ class TrainingRun:
                                     goodput=self.goodput)
         self.reporter.start(resumed)
         self.recovery = NonFiniteRecovery(cfg, checkpoints=self.checkpoints, store=self.store, loader=self.loader,
-                                          progress=self.progress, is_main=self.is_main, tracker=self.reporter.tracker)
+                                          progress=self.progress, is_main=self.is_main, tracker=self.reporter.tracker,
+                                          launch_id=self.ctx.launch_id)
         self.control = StopControl(self.store, self.checkpoints, self.progress, self.device, is_main=self.is_main,
                                    check_every=cfg.train.stop_check_every, max_steps=cfg.train.max_steps,
                                    in_ray=self.in_ray)
@@ -132,7 +136,7 @@ class TrainingRun:
     def train_step(self) -> StepOutcome:
         """One optimizer step over this rank's micro-batches: (mean loss, data-wait seconds, applied);
         applied is False, on every rank alike, when a loss or the gradient norm was not finite."""
-        return self.optimizer_step(self.progress.step, self.checkpoints.attempt)
+        return self.optimizer_step(self.progress.step, self.checkpoints.attempt, self.progress.data_step)
 
     def save_checkpoint(self) -> float:
         self.save_due = False
@@ -163,6 +167,15 @@ class TrainingRun:
         self.goodput.add("eval", time.perf_counter() - started)  # the loop waited on the grid
         return path
 
+    def _skipped(self, loss: torch.Tensor) -> bool:
+        """A skipped step; True when its streak ended the interval: rolled back (the goodput ledger then
+        counts what the restore discarded, from the restored checkpoint's copy) or the run must stop."""
+        started = time.perf_counter()
+        ended = self.recovery.step_skipped(loss)
+        if ended and not self.recovery.failure:
+            self.goodput.rolled_back(self.progress.goodput, time.perf_counter() - started)
+        return ended
+
     def begin_goodput(self) -> None:
         """The first step is next: rank 0 takes over what the former attempt left (its last report in MLflow
         or the checkpoint's copy, the newer) and charges the time since this process started."""
@@ -192,13 +205,15 @@ class TrainingRun:
                 self.recovery.step_applied()
                 loss_sum += loss
                 loss_count += 1
-            else:
-                rollbacks, started = progress.rollbacks, time.perf_counter()
-                self.recovery.step_skipped(loss)
-                if progress.rollbacks != rollbacks:  # the restored checkpoint's ledger: what is discarded since
-                    self.goodput.rolled_back(progress.goodput, time.perf_counter() - started)
+            elif self._skipped(loss):  # rolled back (progress.step is the checkpoint's again), or failed
                 if self.recovery.failure:
                     break
+                self.save_due = False  # a save put off during the streak was for a discarded step
+                meter.reset()  # the interval's steps were discarded; the next one starts after the checkpoint
+                loss_sum, loss_count = torch.zeros((), device=self.device), 0
+                if bar is not None:
+                    bar.n = progress.step
+                continue
             meter.add(data_wait)
             if bar is not None:
                 bar.update(1)

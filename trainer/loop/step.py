@@ -35,9 +35,12 @@ class OptimizerStep:
         self.rank, self.world_size = rank, world_size
         self.device = engine.device
 
-    def __call__(self, step: int, attempt: str) -> StepOutcome:
-        """The optimizer step after `step` (the draws are keyed to `step`, faults to `step + 1`);
-        attempt names this start of the run in the sample ledger (trainer.faults)."""
+    def __call__(self, step: int, attempt: str, data_step: int | None = None) -> StepOutcome:
+        """The optimizer step after `step` (the draws are keyed to `step`); attempt names this start of the
+        run in the sample ledger (trainer.faults). data_step: the global batches the data stream has dealt
+        before this one (TrainProgress.data_step: ahead of `step` after a rollback); a poisoned batch
+        (trainer.faults) is keyed to data_step + 1, since it is the data, not the step number, that is bad."""
+        data_step = step if data_step is None else data_step
         data_wait = 0.0
         losses = []
         guard = StepGuard(self.engine)
@@ -47,9 +50,9 @@ class OptimizerStep:
             data_wait += time.perf_counter() - t0
             pixels = pixels.to(self.device, non_blocking=True)  # uint8 (B, 3, N, N): a quarter of the bytes
             pixels = to_pm1(pixels).to(self.input_dtype)  # [-1, 1], scaled on the device
-            pixels = faults.poison_pixels(step + 1, self.rank, pixels)
+            pixels = faults.poison_pixels(data_step + 1, self.rank, pixels)
             labels = labels.to(self.device, non_blocking=True)                           # (B,)
-            faults.record_samples(step, self.rank, self.world_size, attempt, keys)
+            faults.record_samples(step, self.rank, self.world_size, attempt, keys, data_step)
             # t, noise and label dropout keyed to (seed, step, sample): the same for any split of the batch
             draws = keyed_draws(self.seed, step, keys, tuple(pixels.shape[1:]), self.device)
             loss, _parts = self.engine(pixels, labels, draws)
