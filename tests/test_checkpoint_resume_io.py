@@ -104,6 +104,3 @@ def test_a_resume_reads_each_byte_once_same_world_and_only_what_it_needs_re_part
         for rank in (0, 2):
             rel = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
             assert read[rel] <= sizes[rel] + 3 * 3 * CHUNK_BYTES, (rel, read[rel], sizes[rel])
-    if stage == 3:  # less than one whole copy, let alone one per rank (ZeRO-1/2 under fp32: every rank
-        # reads the whole master, W' x 4P, which on 2 ranks is about one copy)
-        assert sum(read.values()) < total + 2 * train_state
