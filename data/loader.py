@@ -139,8 +139,7 @@ class _MdsBackend:
         self.config, self.world_size = config, world_size
         local, remote = mds_local_and_remote(root, is_remote(root), cache_dir)
         nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        leader = world_size == 1 or int(os.environ.get("LOCAL_RANK", rank)) == 0
-        with one_registration_at_a_time(leader, dist.barrier if world_size > 1 else None):
+        with one_registration_at_a_time(rank == 0, dist.barrier if world_size > 1 else None):
             self.dataset = DecodingStreamingDataset(
                 resolution=config.resolution, hflip=config.hflip, seed=config.seed, uri=remote or local,
                 local=local, remote=remote, batch_size=config.batch_size, shuffle=config.shuffle,

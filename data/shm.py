@@ -99,17 +99,21 @@ REGISTRATION_LOCK = os.path.join(tempfile.gettempdir(), "dip-streaming-prefix.lo
 
 
 @contextmanager
-def one_registration_at_a_time(is_local_leader: bool, barrier=None):
-    """Around the construction of a StreamingDataset: no other job on this machine registers a
-    shared-memory prefix meanwhile. streaming's ranks each pick the first free prefix and the node's
-    leader then creates it; two jobs starting together pick the same one (FileExistsError
-    '/000000_locals' for a leader, 'does not match local leader' for the others). The node's leader
-    holds a machine-wide file lock (released by the kernel if the process dies) from before any rank
-    of its job looks until after every rank has registered; `barrier` (torch.distributed's, when
-    several ranks) keeps the other ranks from looking before it holds it."""
+def one_registration_at_a_time(holds_lock: bool, barrier=None):
+    """Around the construction of a StreamingDataset: no other job whose first rank runs on this
+    machine registers a shared-memory prefix meanwhile. streaming's ranks each pick the first free
+    prefix and the node's leader then creates it; two jobs starting together pick the same one
+    (FileExistsError '/000000_locals' for a leader, 'does not match local leader' for the others).
+    The job's rank 0 (`holds_lock`) holds a machine-wide file lock (released by the kernel if the
+    process dies) from before any rank of its job looks until after every rank has registered;
+    `barrier` (torch.distributed's, when several ranks) keeps the other ranks from looking before it
+    holds it. One holder per job: the leaders of several nodes of one job on one machine (Ray's
+    simulated nodes in the tests) would otherwise wait on each other's lock across the barrier. So
+    the guard covers jobs on rank 0's machine, the usual case of several jobs sharing a node; on a
+    multi-node job's other machines streaming's own check is all there is."""
     from filelock import FileLock
 
-    lock = FileLock(REGISTRATION_LOCK) if is_local_leader else None
+    lock = FileLock(REGISTRATION_LOCK) if holds_lock else None
     if lock is not None:
         lock.acquire()
     try:
