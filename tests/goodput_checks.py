@@ -52,13 +52,22 @@ def assert_killed_run_goodput(run, ref, steps: int, redone_steps_at_most: int) -
     run's steps exactly (each attempt takes over the checkpoint's count); some computed steps were lost and
     at most the ones really redone (a dying rank's last reports may never reach MLflow); their seconds match
     the run's own seconds per step (within a factor of 3: a shared 2-core machine and the first, slower
-    steps of each attempt); the failures cost recovery time; and the goodput is below the clean run's."""
+    steps of each attempt); the failures cost recovery time; and the goodput once started is below the clean
+    run's (start-up is left out of both: the two runs start minutes apart on a shared machine, and one
+    slow start-up of the clean run, 91% of its time in one run, says nothing about failures)."""
     state, metrics, tags = final_goodput(run.tracking_uri, run.mlflow_run_id)
-    fraction = assert_books_balance(state, metrics, tags)
+    assert_books_balance(state, metrics, tags)
     assert state["productive_steps"] == steps
     assert state["failures"] >= 1 and state["badput_s"]["recovery"] > 0.0
     assert 1 <= state["lost_steps"] <= redone_steps_at_most
     per_step = state["productive_s"] / state["productive_steps"]
     lost_per_step = state["badput_s"]["lost_work"] / state["lost_steps"]
     assert per_step / 3 < lost_per_step < per_step * 3, (lost_per_step, per_step)
-    assert fraction < assert_clean_run_goodput(ref, steps)
+    assert_clean_run_goodput(ref, steps)
+    assert _after_startup(state) < _after_startup(final_goodput(ref.tracking_uri, ref.mlflow_run_id)[0])
+
+
+def _after_startup(state: dict) -> float:
+    """Productive seconds over the seconds after each attempt's start-up."""
+    total = state["productive_s"] + sum(state["badput_s"][cause] for cause in CAUSES)
+    return state["productive_s"] / (total - state["badput_s"]["startup"])

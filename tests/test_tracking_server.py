@@ -28,7 +28,7 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{port}"
         self.process = None
 
-    def start(self, timeout_s: float = 180) -> "MlflowServer":
+    def start(self, timeout_s: float = 420) -> "MlflowServer":  # a wait on /health: long only on a loaded machine
         mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
         assert shutil.which(mlflow_bin), "the full mlflow package (with its server) is required"
         self.process = subprocess.Popen(
