@@ -73,6 +73,7 @@ def main() -> None:
            "train": {"max_steps": 10, "zero_stage": args.stage, "precision": "fp32",
                      "grad_accum": max(worlds) // worlds[0]},
            "checkpoint": {"every_steps": 100, "keep": 2, "async_save": False},
+           "samples": {"num_classes": 2, "per_class": 1, "steps": 2},
            "tracking": {"log_model": False}, "cluster": {"num_workers": worlds[0]}}
     cfg["data"]["path"] = prepare_dataset(config_from_dict(cfg).data, os.path.join(work, "data")).path
     counter = CountingS3(free_port(), "bench").start()
