@@ -31,6 +31,14 @@ def run_steps(book: GoodputLedger, clocks: FakeClocks, n: int, step_s: float = 1
         book.step(step_s, wait_s, applied)
 
 
+def first_attempt(clocks: FakeClocks, steps: int, world_size: int = 2, wait_s: float = 0.25) -> GoodputLedger:
+    """A run's first attempt, started now from nothing, after `steps` steps."""
+    book = ledger(clocks, world_size)
+    book.begin(process_start=clocks.wall(), previous=None, restored=None)
+    run_steps(book, clocks, steps, wait_s=wait_s)
+    return book
+
+
 def assert_adds_up(book: GoodputLedger, wall_s: float) -> None:
     assert book.total_s == pytest.approx(wall_s * book.world_size, rel=1e-9)
     assert book.productive_s + sum(book.badput_s[c] for c in CAUSES) == pytest.approx(book.total_s, rel=1e-12)
@@ -66,9 +74,7 @@ def test_a_fresh_run_splits_its_worker_seconds_by_cause():
 
 def test_a_skipped_step_is_lost_work_and_a_rollback_discards_the_steps_since_its_checkpoint():
     clocks = FakeClocks()
-    book = ledger(clocks, world_size=1)
-    book.begin(process_start=clocks.wall(), previous=None, restored=None)
-    run_steps(book, clocks, 2, wait_s=0.0)
+    book = first_attempt(clocks, 2, world_size=1, wait_s=0.0)
     at_checkpoint = book.state_dict(step=2)
     run_steps(book, clocks, 3, wait_s=0.0)            # applied, then discarded by the rollback
     run_steps(book, clocks, 2, wait_s=0.0, applied=False)
@@ -83,9 +89,7 @@ def test_a_skipped_step_is_lost_work_and_a_rollback_discards_the_steps_since_its
 
 def test_a_crash_after_a_checkpoint_carries_the_reported_figures_and_charges_the_redone_steps():
     clocks = FakeClocks()
-    first = ledger(clocks)
-    first.begin(process_start=clocks.wall(), previous=None, restored=None)
-    run_steps(first, clocks, 4)
+    first = first_attempt(clocks, 4)
     checkpoint_state = first.state_dict(step=4)
     run_steps(first, clocks, 3)
     reported = first.state_dict(step=7)               # the last interval report before the SIGKILL
@@ -107,9 +111,7 @@ def test_a_crash_after_a_checkpoint_carries_the_reported_figures_and_charges_the
 
 def test_a_clean_end_then_a_rerun_counts_start_up_not_the_time_between():
     clocks = FakeClocks()
-    first = ledger(clocks)
-    first.begin(process_start=clocks.wall(), previous=None, restored=None)
-    run_steps(first, clocks, 2)
+    first = first_attempt(clocks, 2)
     final = first.state_dict(step=2, closed=True)
     clocks.now += 3600.0                              # nobody held the workers in between
     second = ledger(clocks, world_size=4)             # and the re-run has more of them
@@ -121,9 +123,7 @@ def test_a_clean_end_then_a_rerun_counts_start_up_not_the_time_between():
 
 def test_a_checkpoint_newer_than_the_last_report_is_the_base():
     clocks = FakeClocks()
-    first = ledger(clocks)
-    first.begin(process_start=clocks.wall(), previous=None, restored=None)
-    run_steps(first, clocks, 2)
+    first = first_attempt(clocks, 2)
     reported = first.state_dict(step=2)
     run_steps(first, clocks, 1)
     checkpoint_state = first.state_dict(step=3)
@@ -139,9 +139,7 @@ def test_an_unknown_cause_is_one_clear_error():
 
 def test_a_restart_with_no_checkpoint_to_resume_redoes_all_the_former_work():
     clocks = FakeClocks()
-    first = ledger(clocks, world_size=1)
-    first.begin(process_start=clocks.wall(), previous=None, restored=None)
-    run_steps(first, clocks, 3, wait_s=0.0)
+    first = first_attempt(clocks, 3, world_size=1, wait_s=0.0)
     reported = first.state_dict(step=3)
     clocks.now += 4.0
     second = ledger(clocks, world_size=1)
