@@ -330,11 +330,13 @@ def _into_zero3(zero_optimizer, named, ckpt: ZeroCheckpoint) -> None:
               for flat in zero_optimizer.fp32_partitioned_groups_flat]
     # one kind at a time, parameters in their saved order: each saved flat is then read front to back,
     # and a chunk the ranged reader fetched for one piece is still cached for the next
+    pieces = []  # (name, param, group, offset in the group's flat, count, start in the flattened parameter)
+    for name, param in named:
+        group, offset, count = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
+        start = param.ds_tensor.ds_numel * zero_optimizer._get_param_partition_rank(param)  # this rank's piece
+        pieces.append((name, param, group, offset, count, start))
     for kind in (FP32, *MOMENTS):
-        for name, param in named:
-            rank = zero_optimizer._get_param_partition_rank(param)
-            group, offset, count = zero_optimizer.grad_position[zero_optimizer.get_param_id(param)]
-            start = param.ds_tensor.ds_numel * rank  # this rank's piece of the flattened parameter
+        for name, param, group, offset, count, start in pieces:
             piece = _padded_read(ckpt, name, kind, start, count)
             if kind == FP32:
                 param.ds_tensor.data.copy_(piece.to(param.ds_tensor.dtype).view_as(param.ds_tensor))
