@@ -154,3 +154,42 @@ def test_staging_dirs_of_sigkilled_writers_are_swept_at_start_and_live_ones_kept
     live.close()
     fresh.close()
     assert sorted(os.listdir(temp)) == ["dip-ckpt-staging-not-ours"]
+
+
+def test_a_ranks_files_are_written_side_by_side_and_one_failed_file_fails_the_save(tmp_path):
+    """CheckpointManager._write sends a rank's files out at once (rank 0 has up to four): every write here
+    waits on a barrier of all of them, which breaks (timeout) if they went one after the other. A file that
+    fails fails the save, and no report of the rank's files is written (the step is never committed)."""
+    import os
+    import threading
+
+    from trainer.checkpoint.manager import SaveRequest
+    from trainer.checkpoint.store import DONE_PREFIX, CheckpointStore
+
+    files = [(f"f{i}.pt", {"w": torch.full((3,), float(i))}) for i in range(4)]
+    together = threading.Barrier(len(files), timeout=20)
+
+    class SideBySide(CheckpointStore):
+        def write_stream(self, rel_path, write_fn):
+            if rel_path.endswith(".pt"):  # the rank's files, not its report
+                together.wait()  # raises BrokenBarrierError after 20 s unless all four are in flight
+            if rel_path.endswith("f2.pt") and getattr(self, "fail_f2", False):
+                raise OSError("disk full")
+            return super().write_stream(rel_path, write_fn)
+
+    store = SideBySide(str(tmp_path / "ckpt"))
+    writer = _writer(store, 1)  # rank 1: writes and reports, rank 0 commits
+    writer.attempt = "a1"
+    writer._write(SaveRequest(6, files))
+    report = store.read_json(f"step-6/{DONE_PREFIX}1.json")
+    assert report["attempt"] == "a1" and sorted(report["files"]) == [rel for rel, _ in files]
+    for rel, obj in files:
+        assert torch.equal(torch.load(store.step_path(6, rel), weights_only=True)["w"], obj["w"])
+        assert report["files"][rel]["size"] == os.path.getsize(store.step_path(6, rel))
+
+    store.fail_f2 = True
+    together.reset()
+    with pytest.raises(OSError, match="disk full"):
+        writer._write(SaveRequest(8, files))
+    assert store.read_json(f"step-8/{DONE_PREFIX}1.json") is None
+    writer.close()

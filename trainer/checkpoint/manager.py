@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ log = logging.getLogger("dip.checkpoint")
 
 TRAIN_STATE_FORMAT = 1
 STAGING_PREFIX = "dip-ckpt-staging-"
+WRITE_THREADS = 4  # files of one rank written at once (see CheckpointManager._write)
 # dip-ckpt-staging-r<rank>-<pid>-<process start time>-<mkdtemp suffix>: the owner is named, so a
 # later writer can tell a SIGKILLed writer's leftover from a live writer's directory
 _STAGING_DIR = re.compile(rf"^{STAGING_PREFIX}r\d+-(\d+-\d+)-[^-]+$")
@@ -358,12 +360,22 @@ class CheckpointManager:
             self._error = err
 
     def _write(self, request: SaveRequest) -> None:
-        written: dict[str, dict] = {}
         prefix = step_name(request.step)
-        for index, (rel, obj) in enumerate(request.files):
-            written[rel] = self.store.write_stream(f"{prefix}/{rel}", lambda f, o=obj: torch.save(o, f))
-            if index == 0:
-                faults.in_checkpoint_write(request.step, self.rank)
+
+        def write_one(rel: str, obj) -> dict:
+            return self.store.write_stream(f"{prefix}/{rel}", lambda f: torch.save(obj, f))
+
+        # A rank's files go out side by side (rank 0 has up to four: its engine files, train_state.pt and
+        # ema.pt): an object store's latency and a local fsync overlap, and pyarrow streams each large file
+        # in multipart parts as torch.save writes it (nothing is staged or written twice).
+        with ThreadPoolExecutor(max_workers=min(WRITE_THREADS, len(request.files)) or 1,
+                                thread_name_prefix=f"dip-ckpt-{request.step}-w") as pool:
+            futures = {rel: pool.submit(write_one, rel, obj) for rel, obj in request.files}
+            first = next(iter(futures.values()), None)
+            if first is not None:
+                first.result()
+                faults.in_checkpoint_write(request.step, self.rank)  # a fault test's kill: mid-write
+            written = {rel: future.result() for rel, future in futures.items()}
         self.store.report_done(request.step, self.rank, self.attempt, written)
         if self.rank != 0:
             return
