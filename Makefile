@@ -12,6 +12,11 @@ export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S ?= 0.1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONUNBUFFERED := 1
+# Python caches each module's bytecode (.pyc) on first import: the install skips the up-front pass
+# (--no-compile, below), so a machine that sets PYTHONDONTWRITEBYTECODE (this one did) would compile torch,
+# DeepSpeed, MLflow and Ray from source again in every process: ~20 s of CPU for each Ray worker, driver
+# and actor (benchmarks/RESULTS.md, ## Test suite). Unset, the first import writes the cache for all others.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install quickstart test test-fast bench ablation clean
 

@@ -1,6 +1,8 @@
 """train.init_from through a real `launch` on a local Ray cluster (1 worker, DeepSpeed ZeRO-2 on CPU).
 
-A 32 px run of 4 steps warm-starts a 64 px run from its checkpoints directory; that run's worker is
+The session's 16 px ZeRO-2 reference run (2 workers, 12 steps: tests/conftest.py, computed once per
+`make test` for the kill tests anyway) warm-starts a 64 px run from its checkpoints directory (DiP's
+rotary positions take any resolution at the same patch size); that run's worker is
 SIGKILLed after step 6 (trainer/faults.py): Ray's restarted worker group resumes from the run's own
 step-4, not from the init, and says so. The source is recorded in MLflow and the model card. The raw
 (consolidated ZeRO) weights of the source's step load as init too.
@@ -42,7 +44,7 @@ def _worker_logs() -> str:
 
 
 def test_a_warm_started_64px_run_killed_mid_run_resumes_from_its_own_checkpoint(tmp_path, ray_cluster,  # noqa: F811
-                                                                                 monkeypatch):
+                                                                                 zero2_reference, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from cluster.driver.launch import launch
@@ -51,8 +53,9 @@ def test_a_warm_started_64px_run_killed_mid_run_resumes_from_its_own_checkpoint(
     from trainer.loop.engine import build_objective_module
     from trainer.model_io import consolidated_weights
 
-    source = launch(tiny_config(tmp_path, "low32", [*ONE_WORKER, "data.resolution=32", "train.max_steps=4"]))
-    assert source.status == "FINISHED"
+    source = zero2_reference  # only read: the other tests compare against it
+    assert source.status == "FINISHED" and source.steps == 12
+    newest = f"{os.path.basename(os.path.dirname(source.checkpoint_dir))}/checkpoints/step-12"
 
     faults, ledger = tmp_path / "faults", tmp_path / "ledger"
     faults.mkdir()
@@ -66,7 +69,7 @@ def test_a_warm_started_64px_run_killed_mid_run_resumes_from_its_own_checkpoint(
     run = launch(cfg, echo=lines.append)
     assert (faults / "fired-kill-at-6-0").exists(), "the worker was never killed"
     assert run.status == "FINISHED" and run.steps == 8
-    assert any("initialising from ema weights of" in line and "step-4" in line for line in lines)
+    assert any("initialising from ema weights of" in line and newest in line for line in lines)
     # attempt 1 trained steps 0..5 from the init; the restarted group resumed at its own step-4
     attempts = sorted(_ledger_steps(str(ledger)).values(), key=lambda steps: steps[0])
     assert [steps[0] for steps in attempts] == [0, 4], attempts
@@ -77,17 +80,17 @@ def test_a_warm_started_64px_run_killed_mid_run_resumes_from_its_own_checkpoint(
     client = MlflowClient(run.tracking_uri)
     record = client.get_run(run.mlflow_run_id).data
     assert record.params["train.init_from"] == source.checkpoint_dir
-    assert record.params["init_from.source"].endswith("low32/checkpoints/step-4")
+    assert record.params["init_from.source"].endswith(newest)
     assert record.tags["init_from.parent_run_id"] == source.mlflow_run_id
     with open(os.path.join(run_paths(cfg).run_dir, "MODEL_CARD.md")) as card:
         assert f"- initialised from: {source.checkpoint_dir} (ema weights)" in card.read()
 
     # the raw weights of the source's step: consolidated from its ZeRO shards
     raw_cfg = tiny_config(tmp_path, "raw64", ["data.resolution=64", "train.init_weights=raw",
-                                              f"train.init_from={source.checkpoint_dir}/step-4"])
+                                              f"train.init_from={source.checkpoint_dir}/step-12"])
     module = build_objective_module(raw_cfg)
     assert initialise_module(module, raw_cfg, str(tmp_path / "none"), rank=0).weights == "raw"
-    raw = consolidated_weights(os.path.join(source.checkpoint_dir, "step-4"))
+    raw = consolidated_weights(os.path.join(source.checkpoint_dir, "step-12"))  # from its 2 ranks' ZeRO shards
     for key, value in module.denoiser.state_dict().items():
         assert torch.equal(value, raw["denoiser." + key].to(value.dtype)), key
 
