@@ -3,13 +3,14 @@
 A moto S3 server runs in this process behind a WSGI middleware counting the response bytes of GETs.
 2 ranks (gloo, the trainer's own loop: TrainingRun -> CheckpointManager.resume) train one step of the
 model and checkpoint it to s3://; then 2 ranks (the same world size) and 4 ranks (re-partitioned)
-resume it. Printed per resume: the slowest rank's seconds in CheckpointManager.resume and the bytes of
-step-N/ the server sent, as a multiple of the checkpoint's size.
+resume it. Printed: the save's blocking seconds (the host snapshot with --async-save, the whole write
+without) and its seconds until written and committed, slowest rank; per resume, the slowest rank's seconds
+in CheckpointManager.resume and the bytes of step-N/ the server sent, as a multiple of the checkpoint's size.
 
-Before/after: run it once with this tree's code and once with another's on PYTHONPATH, e.g.
-    PYTHONPATH=$PWD python benchmarks/checkpoint_io.py --model DiP-S/16
-    PYTHONPATH=/work/main python benchmarks/checkpoint_io.py --model DiP-S/16
-(the script only calls TrainingRun, whose resume is that tree's).
+Before/after: run each tree's own copy of this script (it puts its own tree first on sys.path, so
+PYTHONPATH does not switch the code under test), e.g.
+    python benchmarks/checkpoint_io.py --model DiP-S/16
+    python /path/to/other/tree/benchmarks/checkpoint_io.py --model DiP-S/16
 """
 from __future__ import annotations
 
@@ -41,14 +42,17 @@ def rank_main(rank: int, world: int, cfg_dict: dict, uri: str, run_dir: str, sav
     CheckpointManager.resume = resume
     run = TrainingRun(config_from_dict(cfg_dict), WorkerContext(uri, run_dir, "", ""), rank, world)
     run.setup()
-    blocked = None
+    blocked = total = None
     if save:
         run.train_step()
         run.progress.step += 1
-        blocked = run.checkpoints.save()
+        start = time.perf_counter()
+        blocked = run.checkpoints.save()  # the snapshot (async) or the whole write (sync)
+        run.checkpoints.wait()  # an async write: until this rank's files are written (rank 0: committed)
+        total = time.perf_counter() - start
     run.checkpoints.close()
     run.loader.close()
-    return {**timed, "step": run.progress.step, "save_blocking_s": blocked}
+    return {**timed, "step": run.progress.step, "save_blocking_s": blocked, "save_total_s": total}
 
 
 def main() -> None:
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=32, help="images (the parameters do not depend on it)")
     parser.add_argument("--worlds", default="2,4", help="resume world sizes; the first one saves")
+    parser.add_argument("--async-save", action="store_true", help="checkpoint.async_save=true (default: sync)")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from data import prepare_dataset
@@ -72,7 +77,7 @@ def main() -> None:
            "optim": {"lr": 1.0e-4, "ema_decay": 0.9, "warmup_steps": 2},
            "train": {"max_steps": 10, "zero_stage": args.stage, "precision": "fp32",
                      "grad_accum": max(worlds) // worlds[0]},
-           "checkpoint": {"every_steps": 100, "keep": 2, "async_save": False},
+           "checkpoint": {"every_steps": 100, "keep": 2, "async_save": args.async_save},
            "samples": {"num_classes": 2, "per_class": 1, "steps": 2},
            "tracking": {"log_model": False}, "cluster": {"num_workers": worlds[0]}}
     cfg["data"]["path"] = prepare_dataset(config_from_dict(cfg).data, os.path.join(work, "data")).path
@@ -84,7 +89,8 @@ def main() -> None:
     marker = CheckpointStore(uri).read_marker(1)
     size = sum((r["size"] if isinstance(r, dict) else r) for r in marker["files"].values())
     report = {"model": args.model, "zero_stage": args.stage, "saved_by": worlds[0], "checkpoint_bytes": size,
-              "save_blocking_s": max(r["save_blocking_s"] for r in saved), "resumes": []}
+              "async_save": args.async_save, "save_blocking_s": round(max(r["save_blocking_s"] for r in saved), 2),
+              "save_total_s": round(max(r["save_total_s"] for r in saved), 2), "resumes": []}
     for world in worlds:
         counter.take()
         results = run_ranks(rank_main, world, cfg, uri, os.path.join(work, f"resume-{world}"), False, timeout_s=1200)
