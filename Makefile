@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --no-compile -e '.[test]'
+	# one process imports the heavy stack once, writing its bytecode cache (see PYTHONDONTWRITEBYTECODE
+	# above): the first Ray cluster's processes then start from it instead of all compiling it at once
+	$(BIN)/python -c "import torch, deepspeed, mlflow, streaming, ray.train, ray.dashboard.agent"
 	touch $(STAMP)
 
 quickstart: install

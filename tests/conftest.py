@@ -94,8 +94,9 @@ def _compute_reference_run(root, stage: int):
     ledger.mkdir(parents=True)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
+        from tests.test_trainer_support import start_local_ray
+
+        start_local_ray()
     os.environ["DIP_FAULT_SAMPLE_LEDGER"] = str(ledger)
     try:
         result = launch(tiny_config(root, f"ref{stage}", [f"train.zero_stage={stage}"]))

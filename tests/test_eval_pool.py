@@ -13,6 +13,7 @@ import ray
 import torch
 
 from tests.test_eval_support import save_tiny_checkpoint
+from tests.test_trainer_support import start_local_ray
 from trainer.eval.generation import ChunkRunner
 from trainer.eval.local import evaluate_locally
 from trainer.eval.pool import EvalPool
@@ -32,7 +33,7 @@ SMALL = SamplingSpec(steps=1, num_samples=8, seed=1, batch_size=4, image_size=IM
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, log_to_driver=False)
+    start_local_ray(log_to_driver=False)
     yield
     ray.shutdown()
 

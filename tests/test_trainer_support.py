@@ -31,6 +31,27 @@ def tiny_config(tmp_path, run_name: str, overrides: list[str] = ()):
     return config_from_dict(raw, list(overrides))
 
 
+def start_local_ray(tries: int = 2, **kwargs) -> None:
+    """ray.init of a local test cluster (2 CPUs, loopback), started again once if its start fails: a raylet
+    gives its dashboard agent a fixed wait to come up, which a 2-core machine busy with the other xdist
+    worker's cluster can miss (ray-project/ray#62883: "Timed out waiting for file .../metrics_agent_port_*",
+    the raylet exits); that is Ray's start-up, not what any test checks."""
+    import ray
+
+    options = dict(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+                   _node_ip_address="127.0.0.1", log_to_driver=True)
+    options.update(kwargs)
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as err:  # whatever the dead raylet made ray.init raise
+            ray.shutdown()
+            if attempt == tries:
+                raise
+            print(f"ray.init failed (try {attempt} of {tries}), starting again: {err!r}", flush=True)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -39,8 +60,7 @@ def ray_cluster():
     if ray.is_initialized():  # another module's cluster is still up: use it, leave it to its owner
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, _node_ip_address="127.0.0.1",
-             log_to_driver=True)
+    start_local_ray()
     yield
     ray.shutdown()
 
