@@ -24,13 +24,13 @@ install: $(STAMP)
 
 # torch + torchvision first, in one call, pinned, so nothing pulls another build (stack notes).
 # --no-compile: no .pyc for the ~20k files of the stack up front (a minute of CPU on 2 cores);
-# Python compiles the modules a run imports, once, on first import.
+# Python compiles the modules a run imports, once, on first import. The last line imports the heavy
+# stack once, writing its bytecode cache (see PYTHONDONTWRITEBYTECODE above): the first Ray cluster's
+# processes start from it instead of all compiling the same modules at once.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --no-compile -e '.[test]'
-	# one process imports the heavy stack once, writing its bytecode cache (see PYTHONDONTWRITEBYTECODE
-	# above): the first Ray cluster's processes then start from it instead of all compiling it at once
 	$(BIN)/python -c "import torch, deepspeed, mlflow, streaming, ray.train, ray.dashboard.agent"
 	touch $(STAMP)
 
