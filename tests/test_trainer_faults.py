@@ -110,9 +110,12 @@ def test_sigkill_mid_run_or_during_a_checkpoint_write_resumes_bit_identically(st
     else:
         assert (faults / "fired-kill-in-checkpoint-8-0").exists()
     _assert_same_training(run, ref)
-    # the attempt resumed from step-4: at most steps 5-7 (the outside kill) or 5-8 and what ran on while
-    # step-8 was being written (async) were redone
-    assert_killed_run_goodput(run, ref, steps=12, redone_steps_at_most=3 if stage == 2 else 7)
+    # the attempt resumed from step-4. The outside kill lands 0.2 s after step-4's commit: steps 5-7 at
+    # most were redone, none when it struck before step 5 was done (a loaded machine). The kill in the
+    # write of step-8: steps 5-8 and what ran on while it was written (async) were redone (a dying rank's
+    # last reports may never reach MLflow: at least one is seen).
+    assert_killed_run_goodput(run, ref, steps=12, redone_steps_at_most=3 if stage == 2 else 7,
+                              redone_steps_at_least=0 if stage == 2 else 1)
     if stage == 3:  # the attempt that died mid-write left step-8 uncommitted; the next one cleared and rewrote it
         assert CheckpointStore(run.checkpoint_dir).verify(8).ok
 
