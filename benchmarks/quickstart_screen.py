@@ -37,6 +37,8 @@ def main() -> int:
     parser.add_argument("--cfg-scales", type=float, nargs="+", default=None, help="default: samples.cfg_scale")
     parser.add_argument("--judge-seeds", type=int, nargs="+", default=[11])
     parser.add_argument("--save-ema", action="store_true", help="keep each grid step's EMA weights in --cache")
+    parser.add_argument("--judge-ema", nargs="+", default=[], metavar="PT",
+                        help="no training: judge the grids of EMA weights kept by --save-ema, at --cfg-scales")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache", default="/tmp/quickstart_screen", help="where the trained judge is kept")
     args = parser.parse_args()
@@ -56,13 +58,24 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(QUICKSTART, [f"train.seed={args.seed}", *args.set])
     judges = {seed: cached_judge(args.cache, seed) for seed in args.judge_seeds}
+    scales = args.cfg_scales or [cfg.samples.cfg_scale]
+    rows = torch.arange(cfg.samples.num_classes).repeat_interleave(cfg.samples.per_class)
+    if args.judge_ema:
+        denoiser = build_objective_module(cfg).denoiser.eval()
+        for path in args.judge_ema:
+            denoiser.load_state_dict(torch.load(path, weights_only=True))
+            for scale in scales:
+                tiles = sample_grid(denoiser, cfg.samples.replace(cfg_scale=scale), 32, torch.device("cpu"))
+                scores = [judge_tiles(judge, tiles, rows) / len(rows) for judge in judges.values()]
+                print(f"{os.path.basename(path)} cfg {scale}: grid " + " ".join(f"{score:.3f}" for score in scores)
+                      + f" (judges {' '.join(map(str, judges))}; {time.process_time():.0f} CPU-s)", flush=True)
+        return 0
     images, labels = reference_images(cfg.data.synthetic_images, 32, 10, seed=cfg.data.seed)
     pixels_all = to_pm1(images)
     keys_all = [f"{int(y)}/{i}.png" for i, y in enumerate(labels)]
     module = build_objective_module(cfg)
     optimizer, scheduler = build_optimizer(module, cfg)
     decays = args.ema_decays or [cfg.optim.ema_decay]
-    scales = args.cfg_scales or [cfg.samples.cfg_scale]
     emas = {decay: EMA(module.denoiser, decay) for decay in decays}
     generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003)
     order = np.random.default_rng(cfg.train.seed)
@@ -88,7 +101,6 @@ def main() -> int:
             ema.update(module.denoiser)
         losses.append(loss.item())
         if step in args.grid_at:
-            rows = torch.arange(cfg.samples.num_classes).repeat_interleave(cfg.samples.per_class)
             for decay, ema in emas.items():
                 if args.save_ema:
                     torch.save(ema.module.state_dict(),
