@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.transport import FlowMatching
-from trainer.loop.rng import keyed_draws
+from trainer.loop.rng import keyed_draws, sample_seed
 
 SHAPE = (3, 8, 8)
 
@@ -47,3 +47,25 @@ def test_draws_have_the_per_batch_generators_statistics():
     # t = sigmoid(n): the logit-normal schedule's median 0.5 and quartiles sigmoid(+-0.674)
     t = FlowMatching(num_classes=10).t_from_normal(draws.normal_t).numpy()
     assert np.allclose(np.quantile(t, [0.25, 0.5, 0.75]), [0.338, 0.5, 0.662], atol=0.03)
+
+
+def test_a_samples_draws_at_two_steps_are_unrelated_and_a_quickstarts_seeds_all_differ():
+    """The same sample at consecutive steps (the same key, the next step) gets independent noise and t,
+    and the 600 x 16 draws of a quickstart all have their own seed in the 32 bits torch's generator keeps."""
+    keys = _keys(64)
+    steps = [keyed_draws(0, step, keys, (3, 32, 32), "cpu") for step in range(12)]
+    noise = torch.stack([d.noise.flatten(1) for d in steps])             # (steps, keys, 3072)
+    same_key_next_step = (noise[1:] * noise[:-1]).mean(-1)                  # per-key correlation
+    assert abs(float(same_key_next_step.mean())) < 0.003                    # iid: mean 0, std 1/sqrt(3072)
+    assert 0.015 < float(same_key_next_step.std()) < 0.021
+    t = torch.stack([d.normal_t for d in steps])
+    assert abs(np.corrcoef(t[1:].flatten(), t[:-1].flatten())[0, 1]) < 0.1  # 704 pairs: 0.1 is ~2.6 sd
+
+    generator = torch.Generator()
+    first = torch.randn(4, generator=generator.manual_seed(12345))
+    assert torch.equal(first, torch.randn(4, generator=generator.manual_seed(12345 + (1 << 40)))), \
+        "torch's CPU generator now keeps more than 32 bits of a seed: update sample_seed's docstring"
+    rng = np.random.default_rng(0)
+    seeds = {sample_seed(0, step, key) & 0xFFFFFFFF for step in range(600)
+             for key in (f"{i % 10}/{i:06d}.png" for i in rng.choice(2000, 16, replace=False))}
+    assert len(seeds) == 600 * 16
